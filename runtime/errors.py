@@ -1,0 +1,67 @@
+"""Typed errors. Each names the thing that is wrong, so a user can fix it without reading our code."""
+
+from __future__ import annotations
+
+
+class RuntimeServingError(Exception):
+    """Base of every error this package raises on purpose."""
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+
+class CheckpointError(RuntimeServingError):
+    """A checkpoint directory cannot be used."""
+
+
+class UnsupportedConfigError(CheckpointError):
+    """config.json describes something this runtime does not implement (names the key)."""
+
+
+class MissingTensorError(CheckpointError):
+    def __init__(self, name: str, where: str = "") -> None:
+        super().__init__(f"missing tensor {name!r}" + (f" ({where})" if where else ""))
+        self.name = name
+
+
+class UnexpectedTensorError(CheckpointError):
+    def __init__(self, names: list[str]) -> None:
+        shown = ", ".join(repr(n) for n in names[:5]) + (" ..." if len(names) > 5 else "")
+        super().__init__(f"{len(names)} unexpected tensor(s) in checkpoint: {shown}")
+        self.names = names
+
+
+class ShapeMismatchError(CheckpointError):
+    def __init__(self, name: str, expected: tuple[int, ...], actual: tuple[int, ...]) -> None:
+        super().__init__(f"tensor {name!r} has shape {list(actual)}, expected {list(expected)}")
+        self.name, self.expected, self.actual = name, expected, actual
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file or index cannot be parsed."""
+
+
+# --- images ------------------------------------------------------------------------------------
+
+
+class ImageError(RuntimeServingError):
+    """An input image cannot be used; the message is safe to show to the client."""
+
+
+class InvalidImageError(ImageError):
+    """Not an image, truncated, or in a mode we cannot convert."""
+
+
+class ImageTooLargeError(ImageError):
+    """More pixels than the configured limit (decompression-bomb guard)."""
+
+
+# --- requests ----------------------------------------------------------------------------------
+
+
+class RequestError(RuntimeServingError):
+    """A request is invalid (maps to HTTP 400). `field` names the offending field when known."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field

@@ -1,0 +1,101 @@
+"""The oracle: transformers 5.18's own Kimi-K2.5 model and image processor, for tests only.
+
+- transformers reads weights of both layouts itself (its conversion mapping renames the original
+  release's tensors, unfuses `wqkv` and undoes the rope interleave). It reads only its own config
+  keys, so an original-dialect config.json is translated here, key by key, into a temporary folder
+  that links the same weight files.
+- Kimi_K25ImageProcessor is declared torchvision-only. PyPI's torchvision is a CUDA build whose
+  native ops cannot load beside the CPU torch; declaring the two op schemas its import registers
+  (`torchvision::nms`, `torchvision::qnms`) lets it import, and the processor's resize/pad is pure torch.
+  The runtime itself never imports torchvision.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+@cache
+def install_torchvision_shim() -> None:
+    for op in ("nms", "qnms"):
+        try:
+            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+        except RuntimeError:
+            pass  # already defined
+    import torchvision  # noqa: F401
+
+
+def transformers_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """Translate an original-release config.json into transformers' kimi_k25 keys (independently
+    of the runtime's own parser, so the two can disagree and a test can notice)."""
+    if "vt_hidden_size" not in (raw.get("vision_config") or {}):
+        return raw
+    v, t = raw["vision_config"], dict(raw["text_config"])
+    t["model_type"] = "deepseek_v3"
+    rope = dict(t.pop("rope_scaling", None) or {"rope_type": "default"})
+    rope["rope_type"] = rope.pop("type", rope.get("rope_type", "default"))
+    rope["rope_theta"] = t.pop("rope_theta", 10000.0)
+    t["rope_parameters"] = rope
+    return {
+        "architectures": ["Kimi_K25ForConditionalGeneration"],
+        "model_type": "kimi_k25",
+        "text_config": t,
+        "vision_config": {
+            "patch_size": v["patch_size"],
+            "pos_emb_height": v["init_pos_emb_height"],
+            "pos_emb_width": v["init_pos_emb_width"],
+            "pos_emb_time": v["init_pos_emb_time"],
+            "num_attention_heads": v["vt_num_attention_heads"],
+            "num_hidden_layers": v["vt_num_hidden_layers"],
+            "hidden_size": v["vt_hidden_size"],
+            "intermediate_size": v["vt_intermediate_size"],
+            "merge_kernel_size": v["merge_kernel_size"],
+        },
+        "projection_hidden_size": v["mm_hidden_size"],
+        "projection_layer_norm_eps": v["projector_ln_eps"],
+        "image_token_id": raw["media_placeholder_token_id"],
+        "tie_word_embeddings": raw.get("tie_word_embeddings", False),
+        "bos_token_id": raw.get("bos_token_id"),
+        "eos_token_id": raw.get("eos_token_id"),
+        "pad_token_id": raw.get("pad_token_id"),
+    }
+
+
+def _transformers_view(model_dir: Path) -> Path:
+    raw = json.loads((model_dir / "config.json").read_text())
+    translated = transformers_config(raw)
+    if translated is raw:
+        return model_dir
+    view = Path(tempfile.mkdtemp(prefix="ref-view-"))
+    for f in model_dir.iterdir():
+        if f.name != "config.json":
+            os.symlink(f.resolve(), view / f.name)
+    (view / "config.json").write_text(json.dumps(translated))
+    return view
+
+
+@cache
+def reference_model(model_dir: str) -> Any:
+    from transformers import Kimi_K25ForConditionalGeneration
+
+    model = Kimi_K25ForConditionalGeneration.from_pretrained(
+        str(_transformers_view(Path(model_dir))), dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.eval()
+
+
+def reference_image_processor(patch_size: int, merge_size: int, max_patches: int, max_side: int) -> Any:
+    install_torchvision_shim()
+    from transformers.models.kimi_k25.image_processing_kimi_k25 import Kimi_K25ImageProcessor
+
+    return Kimi_K25ImageProcessor(
+        patch_size=patch_size, merge_size=merge_size, max_patches=max_patches,
+        size={"max_height": max_side, "max_width": max_side},
+    )
