@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -24,11 +25,10 @@ import torch
 
 @cache
 def install_torchvision_shim() -> None:
+    schema = "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor"
     for op in ("nms", "qnms"):
-        try:
-            torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-        except RuntimeError:
-            pass  # already defined
+        with contextlib.suppress(RuntimeError):  # already defined
+            torch.library.define(f"torchvision::{op}", schema)
     import torchvision  # noqa: F401
 
 

@@ -146,7 +146,9 @@ def load_vision(
     model = VisionTower(cfg.vision, cfg.text.hidden_size).to(dtype)
     plan = N.plan_vision(list(model.state_dict()), dialect, cfg.vision.num_attention_heads)
     consumed = _load_into(model, plan, index)
-    prefixes = ("vision_tower.", "mm_projector.") if dialect == "original" else ("model.vision_tower.", "model.mm_projector.")
+    prefixes: tuple[str, ...] = ("vision_tower.", "mm_projector.")
+    if dialect == "transformers":
+        prefixes = tuple("model." + p for p in prefixes)
     _check_unexpected(index, (n for n in index.names if n.startswith(prefixes)), consumed)
     return model.to(device).eval()
 
@@ -193,7 +195,7 @@ _LAYER = re.compile(r"layers\.(\d+)\.")
 def _is_extra_layer(name: str, num_layers: int) -> bool:
     """Multi-token-prediction layers past num_hidden_layers: present in some releases, unused here."""
     m = _LAYER.search(name)
-    return bool(m) and int(m.group(1)) >= num_layers
+    return m is not None and int(m.group(1)) >= num_layers
 
 
 def _keep_gate_bias_fp32(model: nn.Module) -> None:

@@ -79,7 +79,7 @@ def chat_template() -> str:
 def write_tokenizer(out: Path, tok: Tokenizer, max_length: int) -> dict[str, int]:
     """Write the tokenizer files; return the special token ids."""
     tok.save(str(out / "tokenizer.json"))
-    ids = {t: tok.token_to_id(t) for t, _ in SPECIAL_TOKENS}
+    ids = {t: _token_id(tok, t) for t, _ in SPECIAL_TOKENS}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "[BOS]",
@@ -99,3 +99,10 @@ def write_tokenizer(out: Path, tok: Tokenizer, max_length: int) -> dict[str, int
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(chat_template())
     return ids
+
+
+def _token_id(tok: Tokenizer, text: str) -> int:
+    token_id = tok.token_to_id(text)
+    if token_id is None:
+        raise ValueError(f"token {text!r} missing from the tokenizer")
+    return token_id

@@ -107,6 +107,7 @@ class ModelConfig:
     image_token_id: int
     tie_word_embeddings: bool
     dialect: ConfigDialect
+    video_token_id: int = 163840  # transformers' default; embedded as token 0 like image placeholders
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
@@ -166,6 +167,7 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
         text=text,
         vision=vision,
         image_token_id=int(image_token_id),
+        video_token_id=int(raw.get("video_token_id", 163840)),
         tie_word_embeddings=bool(tie),
         dialect=dialect,
         bos_token_id=raw.get("bos_token_id", text_raw.get("bos_token_id")),

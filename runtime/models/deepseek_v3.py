@@ -139,6 +139,8 @@ def softmax_scale(cfg: TextConfig) -> float:
 
 
 class RotaryEmbedding(nn.Module):
+    inv_freq: torch.Tensor
+
     def __init__(self, cfg: TextConfig):
         super().__init__()
         inv_freq, self.attention_scaling = rope_inv_freq(cfg.rope, cfg.qk_rope_head_dim)
@@ -199,10 +201,7 @@ class MLAttention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, hidden] -> q_nope [T, H, n], q_rot [T, H, p], latent [T, r + p]."""
         cfg = self.cfg
-        if cfg.q_lora_rank is None:
-            q = self.q_proj(x)
-        else:
-            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q = self.q_proj(x) if cfg.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(x.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
@@ -284,6 +283,8 @@ class DenseMLP(nn.Module):
 class MoEGate(nn.Module):
     """noaux_tc routing: sigmoid scores; score + correction bias picks groups and experts;
     the plain scores of the picked experts, normalised, times routed_scaling_factor, weight them."""
+
+    e_score_correction_bias: torch.Tensor
 
     def __init__(self, cfg: TextConfig):
         super().__init__()

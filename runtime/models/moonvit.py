@@ -57,6 +57,8 @@ class AxialRope(nn.Module):
     """2-D rope: the same frequencies for rows and columns, interleaved (w, h) per frequency and
     rotated over the whole head dim with rotate-half."""
 
+    inv_freq: torch.Tensor
+
     def __init__(self, cfg: VisionConfig):
         super().__init__()
         spatial = cfg.head_dim // 2

@@ -45,8 +45,8 @@ class ProcessorConfig:
                 merge_size=_first(m.get("merge_kernel_size", 2)),
                 max_patches=m.get("in_patch_limit", 16384),
                 max_patches_per_side=m.get("patch_limit_on_one_side", 512),
-                image_mean=tuple(m.get("image_mean", (0.5,) * 3)),  # type: ignore[arg-type]
-                image_std=tuple(m.get("image_std", (0.5,) * 3)),  # type: ignore[arg-type]
+                image_mean=tuple(m.get("image_mean", (0.5,) * 3)),
+                image_std=tuple(m.get("image_std", (0.5,) * 3)),
             )
         size = raw.get("size") or {}
         return cls(
@@ -54,8 +54,8 @@ class ProcessorConfig:
             merge_size=raw.get("merge_size", 2),
             max_patches=raw.get("max_patches", 16384),
             max_patches_per_side=size.get("max_height", 512),
-            image_mean=tuple(raw.get("image_mean", (0.5,) * 3)),  # type: ignore[arg-type]
-            image_std=tuple(raw.get("image_std", (0.5,) * 3)),  # type: ignore[arg-type]
+            image_mean=tuple(raw.get("image_mean", (0.5,) * 3)),
+            image_std=tuple(raw.get("image_std", (0.5,) * 3)),
         )
 
 
@@ -136,7 +136,8 @@ def _check_size(img: Image.Image, limits: ImageLimits) -> None:
         raise InvalidImageError(f"image has zero size ({img.width}x{img.height})")
     if img.width * img.height > limits.max_pixels:
         raise ImageTooLargeError(
-            f"image is {img.width}x{img.height} = {img.width * img.height} pixels, over the limit of {limits.max_pixels}"
+            f"image is {img.width}x{img.height} = {img.width * img.height} pixels, "
+            f"over the limit of {limits.max_pixels}"
         )
 
 
@@ -159,7 +160,9 @@ def preprocess(image: Image.Image, cfg: ProcessorConfig) -> tuple[torch.Tensor, 
     pixels = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1)  # [3, H, W] uint8
     (new_h, new_w), (pad_h, pad_w) = resize_plan(image.height, image.width, cfg)
     if (new_h, new_w) != (image.height, image.width):
-        pixels = F.interpolate(pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True)[0]
+        pixels = F.interpolate(
+            pixels[None], size=(new_h, new_w), mode="bicubic", align_corners=False, antialias=True
+        )[0]
     pixels = F.pad(pixels, (0, pad_w - new_w, 0, pad_h - new_h), value=0)
     mean = torch.tensor(cfg.image_mean) * (1.0 / (1 / 255))
     std = torch.tensor(cfg.image_std) * (1.0 / (1 / 255))

@@ -1,0 +1,127 @@
+"""`python -m runtime <command>`: make-checkpoint, generate, demo."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from runtime.errors import RuntimeServingError
+
+DEFAULT_DEMO_DIR = Path("checkpoints/tiny")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime", description=__doc__)
+    parser.add_argument("--threads", type=int, default=2, help="torch threads for this process (default 2)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    mk = sub.add_parser("make-checkpoint", help="write a random Kimi-K2.5-style checkpoint")
+    mk.add_argument("out")
+    mk.add_argument("--preset", default="tiny")
+    mk.add_argument("--seed", type=int, default=0)
+    mk.add_argument("--dialect", choices=["original", "transformers"], default="transformers")
+    mk.add_argument("--config-dialect", choices=["original", "transformers"], default=None,
+                    help="config.json dialect if it should differ from the weights' (a mixed directory)")
+    mk.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    mk.add_argument("--shards", type=int, default=1, help="split the weights into N safetensors files")
+
+    gen = sub.add_parser("generate", help="offline generation over a JSONL file of chat requests")
+    gen.add_argument("--model", required=True)
+    gen.add_argument("--requests", required=True, help="JSONL: one OpenAI chat-completions body per line")
+    gen.add_argument("--output", required=True, help="JSONL: one result per input line, same order")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+
+    demo = sub.add_parser("demo", help="build the tiny checkpoint (once) and answer a request with an image")
+    demo.add_argument("--model", default=str(DEFAULT_DEMO_DIR))
+
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    try:
+        return {"make-checkpoint": _make_checkpoint, "generate": _generate, "demo": _demo}[args.command](args)
+    except RuntimeServingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _make_checkpoint(args: argparse.Namespace) -> int:
+    from runtime.checkpoint.maker import make_checkpoint
+
+    out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards)
+    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}) to {out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from runtime.checkpoint.maker import DTYPES
+    from runtime.lm_service.generate import OfflineModel
+
+    model = OfflineModel(args.model, DTYPES[args.dtype])
+    lines = [line for line in Path(args.requests).read_text().splitlines() if line.strip()]
+    with open(args.output, "w") as out:
+        for i, line in enumerate(lines):
+            out.write(json.dumps(_answer(model, line)) + "\n")
+            print(f"[{i + 1}/{len(lines)}] done", file=sys.stderr)
+    return 0
+
+
+def _answer(model, line: str) -> dict:
+    from runtime.requests import parse_chat_request
+
+    try:
+        body = json.loads(line)
+        request = parse_chat_request(body, model.defaults.sampling)
+        return model.generate(request).to_json()
+    except json.JSONDecodeError as e:
+        return _error(f"invalid JSON: {e}", "invalid_request_error", None)
+    except RuntimeServingError as e:
+        return _error(str(e), "invalid_request_error", getattr(e, "field", None))
+
+
+def _error(message: str, kind: str, field: str | None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": field}}
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from runtime.checkpoint.maker import make_checkpoint
+    from runtime.lm_service.generate import OfflineModel
+    from runtime.requests import parse_chat_request
+
+    model_dir = Path(args.model)
+    if not (model_dir / "config.json").exists():
+        make_checkpoint(model_dir, "tiny", seed=0)
+        print(f"built the tiny checkpoint in {model_dir}")
+    model = OfflineModel(model_dir)
+    body = {
+        "messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": sample_image_data_url()}},
+            {"type": "text", "text": "Describe the image in one sentence."},
+        ]}],
+        "max_tokens": 24,
+        "temperature": 0,
+    }
+    start = time.perf_counter()
+    result = model.generate(parse_chat_request(body, model.defaults.sampling))
+    seconds = time.perf_counter() - start
+    print(f"prompt: {result.prompt_tokens} tokens (with one 112x84 image); "
+          f"answer: {len(result.token_ids)} tokens in {seconds:.2f}s, finish_reason={result.finish_reason}")
+    print(f"answer text (random weights, so it is noise): {result.text!r}")
+    return 0
+
+
+def sample_image_data_url(width: int = 112, height: int = 84) -> str:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", (width, height), (240, 240, 230))
+    draw = ImageDraw.Draw(img)
+    draw.rectangle((8, 8, 48, 40), fill=(200, 30, 30))
+    draw.ellipse((60, 30, 104, 76), fill=(30, 80, 200))
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()

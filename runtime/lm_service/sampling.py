@@ -1,0 +1,52 @@
+"""Next-token choice for one request: greedy, or temperature / top-k / top-p / min-p sampling from a
+per-request generator (a seed makes it reproducible)."""
+
+from __future__ import annotations
+
+import torch
+
+from runtime.requests import SamplingParams
+
+
+def new_generator(params: SamplingParams) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+    return g
+
+
+def suppress(logits: torch.Tensor, token_ids: tuple[int, ...] | list[int]) -> torch.Tensor:
+    """Ban tokens (min_tokens keeps EOS and stop ids away until enough tokens exist)."""
+    if not token_ids:
+        return logits
+    logits = logits.clone()
+    logits[list(token_ids)] = float("-inf")
+    return logits
+
+
+def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+    """logits [V] float32 -> token id."""
+    if params.greedy:
+        return int(torch.argmax(logits))
+    logits = logits / params.temperature
+    if params.top_k > 0:
+        kth = torch.topk(logits, min(params.top_k, logits.shape[-1])).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    if params.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        outside = (torch.cumsum(sorted_probs, dim=-1) - sorted_probs) > params.top_p  # always keeps the first
+        probs = probs.scatter(0, order, sorted_probs.masked_fill(outside, 0.0))
+    return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:
+    """Log-probability of the chosen token and the top_n alternatives, from the raw logits."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, top_n) if top_n else None
+    return {
+        "token_id": token,
+        "logprob": float(logp[token]),
+        "top": [] if top is None else [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)],
+    }

@@ -1,0 +1,213 @@
+"""OpenAI chat-completions request bodies -> validated, typed requests.
+
+One parser for the offline CLI and the HTTP router: every rejection is a RequestError naming the
+field, which the router turns into a 400 with an OpenAI error body.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.errors import RequestError
+
+ROLES = {"system", "developer", "user", "assistant", "tool"}
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    max_images: int = 16
+    max_image_bytes: int = 20 * 1024 * 1024
+    max_stop_strings: int = 16
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """messages keep their OpenAI shape, except that image parts carry no bytes (they are in
+    `images`, in order of appearance)."""
+
+    messages: list[dict[str, Any]]
+    images: list[bytes]
+    sampling: SamplingParams
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    model: str | None = None
+    tools: list[dict[str, Any]] | None = None
+
+
+def parse_chat_request(
+    body: Any, defaults: dict[str, Any] | None = None, limits: RequestLimits = RequestLimits()
+) -> ChatRequest:
+    """`defaults` are the checkpoint's generation_config sampling values (used where the body is silent)."""
+    if not isinstance(body, dict):
+        raise RequestError("request body must be a JSON object")
+    messages, images = _parse_messages(body.get("messages"), limits)
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise RequestError("chat_template_kwargs must be an object", "chat_template_kwargs")
+    tools = body.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise RequestError("tools must be a list", "tools")
+    return ChatRequest(
+        messages=messages,
+        images=images,
+        sampling=parse_sampling(body, defaults or {}, limits),
+        chat_template_kwargs=dict(kwargs),
+        model=body.get("model"),
+        tools=tools,
+    )
+
+
+# --- messages ----------------------------------------------------------------------------------
+
+
+def _parse_messages(raw: Any, limits: RequestLimits) -> tuple[list[dict[str, Any]], list[bytes]]:
+    if not isinstance(raw, list) or not raw:
+        raise RequestError("messages must be a non-empty list", "messages")
+    messages: list[dict[str, Any]] = []
+    images: list[bytes] = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise RequestError(f"{where} must be an object", where)
+        if msg.get("role") not in ROLES:
+            raise RequestError(f"{where}.role must be one of {sorted(ROLES)}", f"{where}.role")
+        content = msg.get("content")
+        out = dict(msg)
+        if isinstance(content, list):
+            out["content"] = [_parse_part(p, f"{where}.content[{j}]", images, limits) for j, p in enumerate(content)]
+        elif content is not None and not isinstance(content, str):
+            raise RequestError(f"{where}.content must be a string or a list of parts", f"{where}.content")
+        messages.append(out)
+    return messages, images
+
+
+def _parse_part(part: Any, where: str, images: list[bytes], limits: RequestLimits) -> dict[str, Any]:
+    if not isinstance(part, dict):
+        raise RequestError(f"{where} must be an object", where)
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}.text must be a string", f"{where}.text")
+        return {"type": "text", "text": part["text"]}
+    if kind == "image_url":
+        url = part.get("image_url")
+        url = url.get("url") if isinstance(url, dict) else url
+        if not isinstance(url, str):
+            raise RequestError(f"{where}.image_url.url must be a string", f"{where}.image_url")
+        if len(images) >= limits.max_images:
+            raise RequestError(f"too many images: at most {limits.max_images} per request", where)
+        images.append(decode_data_url(url, f"{where}.image_url.url", limits.max_image_bytes))
+        return {"type": "image_url", "image_url": {"url": f"<image {len(images) - 1}>"}}
+    raise RequestError(f"{where}.type {kind!r} is not supported (use 'text' or 'image_url')", f"{where}.type")
+
+
+def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
+    if url.startswith(("http://", "https://")):
+        raise RequestError("http(s) image URLs are disabled; send the image as a data: URL", where)
+    if not url.startswith("data:"):
+        raise RequestError("image_url must be a data: URL (data:image/...;base64,...)", where)
+    header, _, payload = url.partition(",")
+    if not header.endswith(";base64"):
+        raise RequestError("data: URL must be base64-encoded", where)
+    if len(payload) * 3 // 4 > max_bytes:
+        raise RequestError(f"image is larger than {max_bytes} bytes", where)
+    try:
+        return base64.b64decode(payload, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise RequestError(f"invalid base64 in data: URL ({e})", where) from e
+
+
+# --- sampling ----------------------------------------------------------------------------------
+
+
+def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: RequestLimits) -> SamplingParams:
+    def get(key: str, fallback: Any) -> Any:
+        value = body.get(key)
+        return defaults.get(key, fallback) if value is None else value
+
+    n = body.get("n", 1)
+    if n != 1:
+        raise RequestError("only n=1 is supported", "n")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    field_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    params = SamplingParams(
+        max_tokens=None if max_tokens is None else _int(max_tokens, field_name, low=1),
+        temperature=_float(get("temperature", 1.0), "temperature", 0.0, 2.0),
+        top_p=_float(get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True),
+        top_k=_int(get("top_k", 0), "top_k", low=-1),
+        min_p=_float(get("min_p", 0.0), "min_p", 0.0, 1.0),
+        seed=None if body.get("seed") is None else _int(body["seed"], "seed"),
+        stop=_stop_strings(body.get("stop"), limits),
+        stop_token_ids=tuple(
+            _int(t, "stop_token_ids", low=0) for t in _list(body.get("stop_token_ids"), "stop_token_ids")
+        ),
+        ignore_eos=_bool(body.get("ignore_eos", False), "ignore_eos"),
+        min_tokens=_int(body.get("min_tokens", 0), "min_tokens", low=0),
+        logprobs=_bool(body.get("logprobs", False), "logprobs"),
+        top_logprobs=_int(body.get("top_logprobs") or 0, "top_logprobs", low=0, high=20),
+        skip_special_tokens=_bool(body.get("skip_special_tokens", True), "skip_special_tokens"),
+    )
+    if params.max_tokens is not None and params.min_tokens > params.max_tokens:
+        raise RequestError("min_tokens must not exceed max_tokens", "min_tokens")
+    return params
+
+
+def _int(v: Any, name: str, low: int | None = None, high: int | None = None) -> int:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise RequestError(f"{name} must be an integer", name)
+    if (low is not None and v < low) or (high is not None and v > high):
+        raise RequestError(f"{name} must be in [{low}, {high if high is not None else 'inf'}], got {v}", name)
+    return v
+
+
+def _float(v: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise RequestError(f"{name} must be a number", name)
+    if v > high or v < low or (low_open and v == low):
+        raise RequestError(f"{name} must be in {'(' if low_open else '['}{low}, {high}], got {v}", name)
+    return float(v)
+
+
+def _bool(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise RequestError(f"{name} must be a boolean", name)
+    return v
+
+
+def _list(v: Any, name: str) -> list[Any]:
+    if v is None:
+        return []
+    if not isinstance(v, list):
+        raise RequestError(f"{name} must be a list", name)
+    return v
+
+
+def _stop_strings(v: Any, limits: RequestLimits) -> tuple[str, ...]:
+    stops = [v] if isinstance(v, str) else _list(v, "stop")
+    if len(stops) > limits.max_stop_strings or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(f"stop must be a non-empty string or a list of at most {limits.max_stop_strings}", "stop")
+    return tuple(stops)
