@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import hashlib
+import json
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from runtime.checkpoint.loader import load_language_model, load_vision
+from runtime.checkpoint.maker import make_checkpoint
+from runtime.checkpoint.tokenizer import SPECIAL_TOKENS
+from runtime.models.config import load_model_config
+from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
+
+
+def test_tokenizer_loads_offline_with_kimi_special_tokens(checkpoints) -> None:
+    tok = AutoTokenizer.from_pretrained(str(checkpoints("tiny")))
+    for text, special in SPECIAL_TOKENS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1, text
+        shown = tok.decode(ids, skip_special_tokens=True)
+        assert shown == ("" if special else text), text  # special ones vanish from decoded text
+    assert tok.decode(tok("héllo wörld 42", add_special_tokens=False)["input_ids"]) == "héllo wörld 42"
+
+
+def test_chat_template_renders_images_and_thinking_switch(checkpoints) -> None:
+    tok = AutoTokenizer.from_pretrained(str(checkpoints("tiny")))
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}},
+                                             {"type": "text", "text": "What is it?"}]}]
+    on = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    off = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, thinking=False)
+    assert "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>\nWhat is it?" in on
+    assert on.endswith("<|im_assistant|>assistant<|im_middle|><think>")
+    assert off.endswith("<think></think>")
+
+
+def test_generation_and_processor_configs(checkpoints) -> None:
+    path = checkpoints("tiny", "original")
+    tok = AutoTokenizer.from_pretrained(str(path))
+    gen = json.loads((path / "generation_config.json").read_text())
+    assert gen["eos_token_id"] == [tok.convert_tokens_to_ids("<|im_end|>"), tok.convert_tokens_to_ids("[EOS]")]
+    assert "media_proc_cfg" in json.loads((path / "preprocessor_config.json").read_text())
+    assert load_model_config(path).image_token_id == tok.convert_tokens_to_ids("<|media_pad|>")
+
+
+def test_same_seed_same_bytes_other_seed_other_weights(tmp_path) -> None:
+    def digest(seed: int, name: str) -> str:
+        out = make_checkpoint(tmp_path / name, "tiny", seed)
+        return hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+
+    assert digest(1, "a") == digest(1, "b")
+    assert digest(1, "a") != digest(2, "c")
+
+
+@pytest.mark.parametrize("preset", ["tiny", "odd", "mla576"])
+def test_norms_and_biases_differ_from_defaults(checkpoints, preset: str) -> None:
+    path = checkpoints(preset)
+    for module in (load_vision(path), load_language_model(path)):
+        for name, t in module.state_dict().items():
+            if name.endswith("norm.weight") or "layernorm" in name or name.endswith(("norm1.weight", "norm2.weight")):
+                assert not torch.allclose(t, torch.ones_like(t)), name
+            if name.endswith(".bias"):
+                assert t.abs().min() > 0, name
+
+
+@pytest.mark.parametrize("preset", ["tiny", "odd", "mla576"])
+def test_greedy_logits_are_not_near_ties(checkpoints, preset: str) -> None:
+    lm = load_language_model(checkpoints(preset))
+    ids = torch.randint(0, 500, (24,), generator=torch.Generator().manual_seed(0))
+    kv = ContiguousLatentKV(lm.cfg, 64, torch.float32)
+    gaps = []
+    with torch.no_grad():
+        hidden = lm(lm.embed(ids), SequenceBatch([24], [kv]))
+        for _ in range(32):
+            top = lm.logits(hidden[-1:])[0].topk(2).values
+            gaps.append(float(top[0] - top[1]))
+            hidden = lm(lm.embed(lm.logits(hidden[-1:])[0].argmax()[None]), SequenceBatch([1], [kv]))
+    assert min(gaps) > 1e-3, f"near-tie in greedy decoding: {min(gaps)}"

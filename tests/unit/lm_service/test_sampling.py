@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import torch
+
+from runtime.lm_service.sampling import choose, new_generator, suppress, token_logprobs
+from runtime.requests import SamplingParams
+
+LOGITS = torch.tensor([1.0, 3.0, 2.9, -1.0, 0.5])
+
+
+def _draws(params: SamplingParams, n: int = 400) -> list[int]:
+    g = new_generator(params)
+    return [choose(LOGITS, params, g) for _ in range(n)]
+
+
+def test_greedy_and_top_k_one_are_argmax() -> None:
+    assert choose(LOGITS, SamplingParams(temperature=0.0), torch.Generator()) == 1
+    assert set(_draws(SamplingParams(temperature=1.0, top_k=1, seed=0))) == {1}
+
+
+def test_seed_reproduces_and_differs() -> None:
+    assert _draws(SamplingParams(seed=7)) == _draws(SamplingParams(seed=7))
+    assert _draws(SamplingParams(seed=7)) != _draws(SamplingParams(seed=8))
+
+
+def test_top_k_top_p_min_p_restrict_support() -> None:
+    assert set(_draws(SamplingParams(top_k=2, seed=1))) == {1, 2}
+    assert set(_draws(SamplingParams(top_p=0.01, seed=1))) == {1}
+    assert set(_draws(SamplingParams(min_p=0.5, seed=1))) == {1, 2}
+    assert set(_draws(SamplingParams(seed=1))) == {0, 1, 2, 3, 4}
+
+
+def test_suppress_and_logprobs() -> None:
+    assert choose(suppress(LOGITS, [1]), SamplingParams(temperature=0.0), torch.Generator()) == 2
+    lp = token_logprobs(LOGITS, 2, top_n=2)
+    assert [t for t, _ in lp["top"]] == [1, 2]
+    assert abs(sum(torch.softmax(LOGITS, -1)).item() - 1) < 1e-6 and lp["logprob"] < 0

@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import pytest
+from transformers import AutoTokenizer
+
+from runtime.errors import RequestError
+from runtime.prompt import PromptBuilder
+from runtime.vision_service.preprocess import ProcessorConfig, placeholder_count
+
+IMAGE = {"type": "image_url", "image_url": {"url": "<image 0>"}}
+
+
+@pytest.fixture
+def builder(checkpoints) -> PromptBuilder:
+    tok = AutoTokenizer.from_pretrained(str(checkpoints("tiny")))
+    return PromptBuilder(tok, tok.convert_tokens_to_ids("<|media_pad|>"), ProcessorConfig(), max_context=300)
+
+
+def test_each_placeholder_expands_to_its_image_token_count(builder: PromptBuilder) -> None:
+    messages = [{"role": "user", "content": [IMAGE, {"type": "text", "text": "and"}, IMAGE]}]
+    ids = builder.token_ids(messages, [(56, 84), (140, 28)])
+    pad = builder.image_token_id
+    counts = [placeholder_count(56, 84, builder.processor), placeholder_count(140, 28, builder.processor)]
+    assert ids.count(pad) == sum(counts) == 6 + 5
+    first = ids.index(pad)
+    assert ids[first:first + counts[0]] == [pad] * counts[0] and ids[first + counts[0]] != pad
+
+
+def test_placeholder_and_image_count_must_agree(builder: PromptBuilder) -> None:
+    with pytest.raises(RequestError, match="1 image placeholder"):
+        builder.token_ids([{"role": "user", "content": [IMAGE]}], [])
+
+
+def test_prompt_longer_than_context_is_refused(builder: PromptBuilder) -> None:
+    with pytest.raises(RequestError, match="context"):
+        builder.token_ids([{"role": "user", "content": "word " * 400}], [])
+
+
+def test_template_kwargs_reach_the_template(builder: PromptBuilder) -> None:
+    messages = [{"role": "user", "content": "hi"}]
+    on = builder.tokenizer.decode(builder.token_ids(messages, []))
+    off = builder.tokenizer.decode(builder.token_ids(messages, [], template_kwargs={"thinking": False}))
+    assert on.endswith("<think>") and off.endswith("<think></think>")

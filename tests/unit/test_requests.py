@@ -1,0 +1,74 @@
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from runtime.errors import RequestError
+from runtime.requests import RequestLimits, parse_chat_request
+
+PNG = base64.b64encode(b"\x89PNG fake bytes").decode()
+
+
+def _body(**kw) -> dict:
+    return {"messages": [{"role": "user", "content": "hi"}], **kw}
+
+
+def _image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.mark.parametrize(
+    "body,field",
+    [
+        ({}, "messages"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": 5}]}, "messages[0].content"),
+        ({"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, "messages[0].content[0].type"),
+        ({"messages": [{"role": "user", "content": [_image_part("http://x/y.png")]}]},
+         "messages[0].content[0].image_url.url"),
+        ({"messages": [{"role": "user", "content": [_image_part("data:image/png;base64,@@@")]}]},
+         "messages[0].content[0].image_url.url"),
+        (_body(temperature=3), "temperature"),
+        (_body(temperature="hot"), "temperature"),
+        (_body(top_p=0), "top_p"),
+        (_body(top_k=-2), "top_k"),
+        (_body(min_p=1.5), "min_p"),
+        (_body(max_tokens=0), "max_tokens"),
+        (_body(max_completion_tokens=True), "max_completion_tokens"),
+        (_body(n=2), "n"),
+        (_body(stop=[1]), "stop"),
+        (_body(top_logprobs=21), "top_logprobs"),
+        (_body(min_tokens=5, max_tokens=2), "min_tokens"),
+        (_body(chat_template_kwargs=[1]), "chat_template_kwargs"),
+    ],
+)
+def test_invalid_requests_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body)
+    assert info.value.field == field
+
+
+def test_images_are_decoded_in_order_and_kept_out_of_messages() -> None:
+    urls = [f"data:image/png;base64,{base64.b64encode(bytes([i]) * 4).decode()}" for i in range(3)]
+    req = parse_chat_request({"messages": [{"role": "user", "content": [_image_part(u) for u in urls]}]})
+    assert req.images == [bytes([i]) * 4 for i in range(3)]
+    assert "base64" not in str(req.messages)
+
+
+def test_image_count_and_size_limits() -> None:
+    parts = [_image_part(f"data:image/png;base64,{PNG}")] * 3
+    with pytest.raises(RequestError, match="too many images"):
+        parse_chat_request({"messages": [{"role": "user", "content": parts}]}, limits=RequestLimits(max_images=2))
+    with pytest.raises(RequestError, match="larger than"):
+        parse_chat_request({"messages": [{"role": "user", "content": parts[:1]}]},
+                           limits=RequestLimits(max_image_bytes=4))
+
+
+def test_defaults_from_generation_config_fill_only_missing_fields() -> None:
+    defaults = {"temperature": 0.6, "top_p": 0.95}
+    assert parse_chat_request(_body(), defaults).sampling.temperature == 0.6
+    req = parse_chat_request(_body(temperature=0, stop="END", ignore_eos=True, top_k=5), defaults)
+    s = req.sampling
+    assert (s.temperature, s.top_p, s.stop, s.ignore_eos, s.top_k, s.greedy) == (0.0, 0.95, ("END",), True, 5, True)
