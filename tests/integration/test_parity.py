@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from runtime.lm_service.generate import OfflineModel
+from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
 from runtime.requests import SamplingParams
 from tests.reference import reference_image_processor, reference_model
 
@@ -90,8 +91,6 @@ def test_matches_transformers(checkpoints, preset: str, dialect: str) -> None:
 
         ref_tokens, ref_logits = _reference_greedy(ref, inputs, steps=32)
         with torch.no_grad():
-            from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
-
             kv = ContiguousLatentKV(ours.config.text, len(ids), torch.float32)
             hidden = ours.lm(ours.input_embeddings(ids, embeds), SequenceBatch([len(ids)], [kv]))
             logits = ours.lm.logits(hidden)

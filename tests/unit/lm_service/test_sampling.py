@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import pytest
 import torch
 
 from runtime.lm_service.sampling import choose, new_generator, suppress, token_logprobs
@@ -34,4 +35,5 @@ def test_suppress_and_logprobs() -> None:
     assert choose(suppress(LOGITS, [1]), SamplingParams(temperature=0.0), torch.Generator()) == 2
     lp = token_logprobs(LOGITS, 2, top_n=2)
     assert [t for t, _ in lp["top"]] == [1, 2]
-    assert abs(sum(torch.softmax(LOGITS, -1)).item() - 1) < 1e-6 and lp["logprob"] < 0
+    assert lp["logprob"] == pytest.approx(float(torch.log_softmax(LOGITS, -1)[2]))
+    assert lp["top"][0][1] == pytest.approx(float(torch.log_softmax(LOGITS, -1)[1]))
