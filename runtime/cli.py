@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--requests", required=True, help="JSONL: one OpenAI chat-completions body per line")
     gen.add_argument("--output", required=True, help="JSONL: one result per input line, same order")
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--ep-size", type=int, default=1, help="expert-parallel ranks (processes) for the MoE layers")
+    gen.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
+    gen.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget of one step")
+    gen.add_argument("--kv-cache-mb", type=int, default=256, help="bytes of paged latent KV cache, in MiB")
 
     demo = sub.add_parser("demo", help="build the tiny checkpoint (once) and answer a request with an image")
     demo.add_argument("--model", default=str(DEFAULT_DEMO_DIR))
@@ -59,25 +63,38 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from runtime.checkpoint.maker import DTYPES
-    from runtime.lm_service.generate import OfflineModel
+    """Queue every line, then let continuous batching run them all; results keep the input order."""
+    from runtime.lm_service.engine import EngineConfig
+    from runtime.lm_service.offline import OfflineLLM
 
-    model = OfflineModel(args.model, DTYPES[args.dtype])
-    lines = [line for line in Path(args.requests).read_text().splitlines() if line.strip()]
+    config = EngineConfig(dtype=args.dtype, ep_size=args.ep_size, max_num_seqs=args.max_num_seqs,
+                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mb << 20)
+    llm = OfflineLLM(args.model, config)
+    try:
+        lines = [line for line in Path(args.requests).read_text().splitlines() if line.strip()]
+        rejected = {i: err for i, line in enumerate(lines) if (err := _submit(llm, str(i), line)) is not None}
+        start = time.perf_counter()
+        results = llm.run()
+        seconds = time.perf_counter() - start
+    finally:
+        llm.close()
     with open(args.output, "w") as out:
-        for i, line in enumerate(lines):
-            out.write(json.dumps(_answer(model, line)) + "\n")
-            print(f"[{i + 1}/{len(lines)}] done", file=sys.stderr)
+        for i in range(len(lines)):
+            out.write(json.dumps(rejected[i] if i in rejected else results[str(i)].to_json()) + "\n")
+    tokens = sum(len(r.token_ids) for r in results.values())
+    print(f"{len(lines)} requests ({len(rejected)} rejected), {tokens} tokens in {seconds:.2f}s "
+          f"({tokens / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
     return 0
 
 
-def _answer(model, line: str) -> dict:
+def _submit(llm, request_id: str, line: str) -> dict | None:
+    """Queue one JSONL line; an OpenAI-style error body if it is invalid."""
     from runtime.requests import parse_chat_request
 
     try:
         body = json.loads(line)
-        request = parse_chat_request(body, model.defaults.sampling)
-        return model.generate(request).to_json()
+        llm.submit(request_id, parse_chat_request(body, llm.defaults.sampling))
+        return None
     except json.JSONDecodeError as e:
         return _error(f"invalid JSON: {e}", "invalid_request_error", None)
     except RuntimeServingError as e:
@@ -90,14 +107,14 @@ def _error(message: str, kind: str, field: str | None) -> dict:
 
 def _demo(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
-    from runtime.lm_service.generate import OfflineModel
+    from runtime.lm_service.offline import OfflineLLM
     from runtime.requests import parse_chat_request
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():
         make_checkpoint(model_dir, "tiny", seed=0)
         print(f"built the tiny checkpoint in {model_dir}")
-    model = OfflineModel(model_dir)
+    model = OfflineLLM(model_dir)
     body = {
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": sample_image_data_url()}},

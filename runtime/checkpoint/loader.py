@@ -27,7 +27,7 @@ from runtime.errors import (
     UnsupportedConfigError,
 )
 from runtime.models.config import ModelConfig, load_model_config
-from runtime.models.deepseek_v3 import DeepseekV3LM, MoEGate
+from runtime.models.deepseek_v3 import DeepseekV3LM, MoEGate, RoutedExperts
 from runtime.models.moonvit import VisionTower
 
 
@@ -178,6 +178,33 @@ def load_language_model(
     belongs = (n for n in index.names if n.startswith(prefixes) and not _is_extra_layer(n, text.num_hidden_layers))
     _check_unexpected(index, belongs, accounted)
     return model.to(device).eval()
+
+
+def load_routed_experts(
+    model_dir: str | Path, cfg: ModelConfig, expert_range: tuple[int, int], dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> dict[int, RoutedExperts]:
+    """Only the routed experts [first, first + count) of every MoE layer: what an expert-parallel
+    worker rank holds (attention, dense layers and the rest stay on rank 0)."""
+    text = cfg.text
+    index = TensorIndex(model_dir)
+    dialect = weight_dialect(index)
+    _reject_quantized(cfg)
+    out: dict[int, RoutedExperts] = {}
+    for layer in range(text.num_hidden_layers):
+        if not text.is_moe_layer(layer):
+            continue
+        experts = RoutedExperts(text, *expert_range).to(dtype)
+        names = [f"layers.{layer}.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")]
+        plan = N.plan_lm(names, dialect, expert_range)
+        with torch.no_grad():
+            for name, param in zip(names, (experts.gate_up_proj, experts.down_proj), strict=True):
+                tensor, used = _read(index, plan[name], name)
+                if tuple(tensor.shape) != tuple(param.shape):
+                    raise ShapeMismatchError(used[0], tuple(param.shape), tuple(tensor.shape))
+                param.copy_(tensor.to(dtype))
+        out[layer] = experts.to(device).eval()
+    return out
 
 
 def _skipped_lm_tensors(cfg: ModelConfig, dialect: N.WeightDialect) -> set[str]:

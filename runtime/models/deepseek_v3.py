@@ -26,20 +26,37 @@ from runtime.models.config import RopeConfig, TextConfig, yarn_mscale
 # --- latent KV cache interface ----------------------------------------------------------------
 
 
-class LatentKV(Protocol):
-    """Where one sequence's latents live. The engine's paged cache implements the same API."""
+class KVBatch(Protocol):
+    """The sequences of one forward and where their latents live. Rows of the flat token batch are
+    grouped by sequence. Sequences with one new token may be attended together (decode_rows);
+    the rest are attended one by one (per_sequence). The engine's paged cache implements this."""
 
-    @property
-    def length(self) -> int:
-        """Tokens already cached before the current forward."""
+    def positions(self, device: torch.device | str) -> torch.Tensor:
+        """Position of every new token [T]."""
         ...
 
-    def write(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
-        """Store this forward's latents [T_seq, r + p]; return all of them so far [S, r + p]."""
+    def write(self, layer: int, latent: torch.Tensor) -> None:
+        """Store this forward's latents [T, r + p] of one layer."""
         ...
 
-    def advance(self, n: int) -> None:
-        """Commit n tokens after every layer has written them."""
+    def per_sequence(self) -> list[tuple[int, int, int]]:
+        """(sequence index, first row, rows) of each sequence attended on its own."""
+        ...
+
+    def context(self, layer: int, seq: int) -> torch.Tensor:
+        """All latents of sequence seq so far, this forward's included [S, r + p]."""
+        ...
+
+    def decode_rows(self) -> torch.Tensor | None:
+        """Rows [B] of sequences with one new token that are attended together, or None."""
+        ...
+
+    def decode_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Their latents padded to the longest [B, S, r + p], and which are real [B, S]."""
+        ...
+
+    def advance(self) -> None:
+        """Every layer has run: commit the new tokens."""
         ...
 
 
@@ -48,37 +65,52 @@ class ContiguousLatentKV:
 
     def __init__(self, cfg: TextConfig, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
         self.buffer = torch.zeros(cfg.num_hidden_layers, max_len, cfg.latent_dim, dtype=dtype, device=device)
-        self._length = 0
+        self.length = 0  # tokens committed before the current forward
 
-    @property
-    def length(self) -> int:
-        return self._length
-
-    def write(self, layer: int, latent: torch.Tensor) -> torch.Tensor:
-        end = self._length + latent.shape[0]
+    def write(self, layer: int, latent: torch.Tensor) -> None:
+        end = self.length + latent.shape[0]
         if end > self.buffer.shape[1]:
             raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.buffer.shape[1]}")
-        self.buffer[layer, self._length : end] = latent
-        return self.buffer[layer, :end]
+        self.buffer[layer, self.length : end] = latent
 
-    def advance(self, n: int) -> None:
-        self._length += n
+    def read(self, layer: int, new: int) -> torch.Tensor:
+        return self.buffer[layer, : self.length + new]
 
 
 @dataclass
 class SequenceBatch:
-    """How the flat token batch splits into sequences: rows [start, start+len) belong to kvs[i]."""
+    """KVBatch over contiguous per-sequence buffers (offline, one sequence at a time, and tests):
+    rows [start, start+len) belong to kvs[i]; every sequence is attended on its own."""
 
     lengths: Sequence[int]
-    kvs: Sequence[LatentKV]
+    kvs: Sequence[ContiguousLatentKV]
 
     def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
         parts = [torch.arange(kv.length, kv.length + n) for n, kv in zip(self.lengths, self.kvs, strict=True)]
         return torch.cat(parts).to(device)
 
+    def write(self, layer: int, latent: torch.Tensor) -> None:
+        for (_, start, n), kv in zip(self.per_sequence(), self.kvs, strict=True):
+            kv.write(layer, latent[start : start + n])
+
+    def per_sequence(self) -> list[tuple[int, int, int]]:
+        starts = [0]
+        for n in self.lengths:
+            starts.append(starts[-1] + n)
+        return [(i, starts[i], n) for i, n in enumerate(self.lengths)]
+
+    def context(self, layer: int, seq: int) -> torch.Tensor:
+        return self.kvs[seq].read(layer, self.lengths[seq])
+
+    def decode_rows(self) -> torch.Tensor | None:
+        return None
+
+    def decode_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError("SequenceBatch attends every sequence on its own")
+
     def advance(self) -> None:
         for n, kv in zip(self.lengths, self.kvs, strict=True):
-            kv.advance(n)
+            kv.length += n
 
 
 # --- norms and rope ----------------------------------------------------------------------------
@@ -239,6 +271,20 @@ class MLAttention(nn.Module):
         out_latent = self._sdpa(q, k, v)  # [H, T, r]
         return torch.einsum("htr,hvr->thv", out_latent, w_uv)
 
+    def attend_absorbed_batched(
+        self, q_nope: torch.Tensor, q_rot: torch.Tensor, ctx: torch.Tensor, valid: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode for B sequences at once, one query each: q [B, H, n|p], ctx [B, S, r + p] padded,
+        valid [B, S]. Returns [B, H, v]."""
+        cfg = self.cfg
+        w_uk, w_uv = self._kv_b_weights()
+        q = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_rot], dim=-1)  # [B, H, r + p]
+        scores = torch.bmm(q, ctx.transpose(1, 2)).float() * self.scale  # [B, H, S]
+        scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).to(ctx.dtype)
+        out_latent = torch.bmm(probs, ctx[..., : cfg.kv_lora_rank])  # [B, H, r]
+        return torch.einsum("bhr,hvr->bhv", out_latent, w_uv)
+
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         mask = _causal_mask(q.shape[1], k.shape[1], q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
@@ -246,22 +292,26 @@ class MLAttention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        batch: SequenceBatch,
+        batch: KVBatch,
         rope: RotaryEmbedding,
         cos: torch.Tensor,
         sin: torch.Tensor,
         absorbed: bool | None = None,
     ) -> torch.Tensor:
+        cfg = self.cfg
         q_nope, q_rot, latent = self.project(x, rope, cos, sin)
-        outs, start = [], 0
-        for n, kv in zip(batch.lengths, batch.kvs, strict=True):
-            ctx = kv.write(self.layer_idx, latent[start : start + n])
+        batch.write(self.layer_idx, latent)
+        out = x.new_empty(x.shape[0], cfg.num_attention_heads, cfg.v_head_dim)
+        rows = batch.decode_rows()
+        if rows is not None:
+            ctx, valid = batch.decode_context(self.layer_idx)
+            out[rows] = self.attend_absorbed_batched(q_nope[rows], q_rot[rows], ctx, valid)
+        for seq, start, n in batch.per_sequence():
+            ctx = batch.context(self.layer_idx, seq)
             # Prefill expands K/V (fewer FLOPs for many queries); decode attends over latents.
             use_absorbed = (n == 1) if absorbed is None else absorbed
             attend = self.attend_absorbed if use_absorbed else self.attend_naive
-            outs.append(attend(q_nope[start : start + n], q_rot[start : start + n], ctx))
-            start += n
-        out = torch.cat(outs, dim=0)
+            out[start : start + n] = attend(q_nope[start : start + n], q_rot[start : start + n], ctx)
         return self.o_proj(out.reshape(x.shape[0], -1))
 
 
@@ -337,6 +387,13 @@ class RoutedExperts(nn.Module):
         return out
 
 
+ExpertDispatch = Callable[[RoutedExperts, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def local_dispatch(experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    return experts(x, ids, weights)
+
+
 class MoE(nn.Module):
     def __init__(self, cfg: TextConfig, expert_range: tuple[int, int] | None = None):
         super().__init__()
@@ -348,12 +405,13 @@ class MoE(nn.Module):
             if cfg.n_shared_experts
             else None
         )
-        # Expert parallelism sums every rank's partial routed output here (identity on one rank).
-        self.combine: Callable[[torch.Tensor], torch.Tensor] = lambda t: t
+        # How tokens meet their routed experts. Expert parallelism replaces this with a dispatch that
+        # sends x, ids and weights to every rank and sums the ranks' partial outputs.
+        self.dispatch: ExpertDispatch = local_dispatch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.gate(x)
-        out = self.combine(self.experts(x, ids, weights))
+        out = self.dispatch(self.experts, x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
         return out
@@ -374,7 +432,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: SequenceBatch, rope: RotaryEmbedding, cos, sin, absorbed=None):
+    def forward(self, x: torch.Tensor, batch: KVBatch, rope: RotaryEmbedding, cos, sin, absorbed=None):
         x = x + self.self_attn(self.input_layernorm(x), batch, rope, cos, sin, absorbed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -395,7 +453,7 @@ class DeepseekV3LM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, embeds: torch.Tensor, batch: SequenceBatch, absorbed: bool | None = None) -> torch.Tensor:
+    def forward(self, embeds: torch.Tensor, batch: KVBatch, absorbed: bool | None = None) -> torch.Tensor:
         """embeds [T, hidden] -> final hidden states [T, hidden]; caches this forward's latents."""
         cos, sin = self.rotary(batch.positions(embeds.device), embeds.dtype)
         x = embeds

@@ -34,9 +34,9 @@ def test_make_checkpoint_then_generate(tmp_path: Path) -> None:
     lines = [json.dumps(r) for r in requests]
     lines.insert(2, "{not json")
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
-    for out in ("a.jsonl", "b.jsonl"):
+    for out, ep_size in (("a.jsonl", "1"), ("b.jsonl", "2")):
         done = _run("generate", "--model", str(ckpt), "--requests", str(tmp_path / "in.jsonl"),
-                    "--output", str(tmp_path / out))
+                    "--output", str(tmp_path / out), "--ep-size", ep_size)
         assert done.returncode == 0, done.stderr
     results = [json.loads(x) for x in (tmp_path / "a.jsonl").read_text().splitlines()]
     assert len(results) == 5
@@ -50,7 +50,7 @@ def test_make_checkpoint_then_generate(tmp_path: Path) -> None:
     assert bad_field["error"]["param"] == "top_p" and bad_field["error"]["type"] == "invalid_request_error"
     assert "e" not in stopped["text"]
     assert stopped["finish_reason"] == "stop" or len(stopped["token_ids"]) == 40
-    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text(), "greedy and seeded runs repeat"
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text(), "runs repeat, with 1 or 2 EP ranks"
 
 
 def test_bad_checkpoint_gives_a_clear_error(tmp_path: Path) -> None:

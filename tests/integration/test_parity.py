@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.lm_service.generate import OfflineModel
+from runtime.lm_service.engine import EngineConfig
+from runtime.lm_service.offline import OfflineLLM
 from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
 from runtime.requests import SamplingParams
 from tests.reference import reference_image_processor, reference_model
@@ -41,7 +42,7 @@ def _messages(n_images: int) -> list[dict]:
     return [{"role": "system", "content": "You are brief."}, {"role": "user", "content": parts}]
 
 
-def _reference_inputs(model: OfflineModel, images: list[bytes], messages: list[dict]) -> dict:
+def _reference_inputs(model: OfflineLLM, images: list[bytes], messages: list[dict]) -> dict:
     """Prompt and pixels built by transformers' own processor rules, not ours."""
     from transformers.models.kimi_k25.processing_kimi_k25 import Kimi_K25Processor
     from transformers.models.kimi_k25.video_processing_kimi_k25 import Kimi_K25VideoProcessor
@@ -71,7 +72,7 @@ def _reference_greedy(ref, inputs: dict, steps: int) -> tuple[list[int], torch.T
 @pytest.mark.parametrize("preset", PRESETS)
 def test_matches_transformers(checkpoints, preset: str, dialect: str) -> None:
     path = checkpoints(preset, dialect)
-    ours, ref = OfflineModel(path), reference_model(str(path))
+    ours, ref = OfflineLLM(path, EngineConfig(kv_cache_bytes=8 << 20)), reference_model(str(path))
     for case, sizes in PROMPTS.items():
         images = [_png(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
         messages = _messages(len(images))
@@ -92,10 +93,10 @@ def test_matches_transformers(checkpoints, preset: str, dialect: str) -> None:
         ref_tokens, ref_logits = _reference_greedy(ref, inputs, steps=32)
         with torch.no_grad():
             kv = ContiguousLatentKV(ours.config.text, len(ids), torch.float32)
-            hidden = ours.lm(ours.input_embeddings(ids, embeds), SequenceBatch([len(ids)], [kv]))
-            logits = ours.lm.logits(hidden)
+            lm = ours.engine.runner.lm
+            logits = lm.logits(lm(ours.input_embeddings(ids, embeds), SequenceBatch([len(ids)], [kv])))
         assert (logits - ref_logits).abs().max().item() < 1e-4, f"{case}: prefill logits differ"
 
         greedy = SamplingParams(temperature=0.0, max_tokens=32, ignore_eos=True)
-        result = ours.generate_from_embeddings(ids, ours.input_embeddings(ids, embeds), greedy)
-        assert result.token_ids == ref_tokens, f"{case}: greedy tokens differ"
+        ours.submit_ids(case, ids, greedy, images, embeds)
+        assert ours.run()[case].token_ids == ref_tokens, f"{case}: greedy tokens differ (paged engine)"

@@ -1,0 +1,307 @@
+"""The LM engine of one replica: continuous batching over the paged latent cache.
+
+Each step the scheduler picks tokens (decodes and prefill chunks together), the runner computes
+them in one forward, and every request that reached the end of its known tokens samples one.
+Requests join and leave between steps. Image embeddings arrive from outside (add_embeddings) and
+are dropped as soon as the request's prefill has passed them, and always when the request ends.
+When a request ends for any reason its KV blocks, its embeddings and its state are released, and
+`hooks.released(request_id)` tells whoever holds references for it (the vision pool).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from runtime.errors import RequestError
+from runtime.lm_service.kv_cache import PagedLatentCache
+from runtime.lm_service.request_state import EngineRequest, RequestState
+from runtime.lm_service.runner import ImageRows, ModelRunner, StepInput
+from runtime.lm_service.scheduler import ImageSpan, ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from runtime.models.config import ModelConfig
+from runtime.models.deepseek_v3 import DeepseekV3LM
+from runtime.protocol import RequestOutput
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    num_blocks: int | None = None  # None: as many as kv_cache_bytes holds
+    kv_cache_bytes: int = 256 * 2**20
+    kv_fp8: bool = False
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 1024
+    prefix_caching: bool = True
+    batch_decodes: bool = True
+    ep_size: int = 1
+    ep_timeout_s: float = 120.0
+    threads_per_rank: int = 1
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+        if self.ep_size < 1:
+            raise ValueError("ep_size must be at least 1")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def blocks_for(self, cfg: ModelConfig) -> int:
+        if self.num_blocks is not None:
+            return self.num_blocks
+        per_token = PagedLatentCache.bytes_per_token_limit(cfg.text, torch.uint8 if self.kv_fp8 else self.torch_dtype)
+        return max(1, self.kv_cache_bytes // (per_token * self.block_size))
+
+
+def _no_embeddings_needed(request_id: str, image_indexes: list[int]) -> None:
+    raise RuntimeError(f"request {request_id} needs image embeddings {image_indexes} again, and no source is set")
+
+
+@dataclass
+class EngineHooks:
+    # A preempted request dropped embeddings it needs again (re-ask the vision pool).
+    need_embeddings: Callable[[str, list[int]], None] = _no_embeddings_needed
+    # A request ended: release what other services hold for it.
+    released: Callable[[str], None] = lambda request_id: None
+
+
+@dataclass
+class EngineStats:
+    running: int
+    waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    kv_bytes_per_token: int
+    prefix_hit_tokens: int
+    prefill_tokens: int
+    generated_tokens: int
+    tokens_per_s: float
+    last_step_ms: float
+    mean_step_ms: float
+    steps: int
+    preemptions: int
+    dropped_embeddings: int
+    ep_size: int
+    ep_expert_bytes: list[int] = field(default_factory=list)
+
+
+def placeholder_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of each run of image placeholders: one run per image, in order."""
+    runs: list[tuple[int, int]] = []
+    for pos, token in enumerate(ids):
+        if token == image_token_id:
+            if runs and runs[-1][1] == pos:
+                runs[-1] = (runs[-1][0], pos + 1)
+            else:
+                runs.append((pos, pos + 1))
+    return runs
+
+
+class Engine:
+    def __init__(self, lm: DeepseekV3LM, model_config: ModelConfig, config: EngineConfig,
+                 eos_token_ids: tuple[int, ...], tokenizer: Any | None = None, hooks: EngineHooks | None = None,
+                 expert_group: Any | None = None):
+        self.model_config, self.config = model_config, config
+        self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
+        self.hooks = hooks or EngineHooks()
+        self.expert_group = expert_group
+        num_blocks = config.blocks_for(model_config)
+        self.cache = PagedLatentCache(model_config.text, num_blocks, config.block_size, config.torch_dtype,
+                                      config.device, config.kv_fp8)
+        self.scheduler = Scheduler(SchedulerConfig(num_blocks, config.block_size, config.max_num_seqs,
+                                                   config.max_num_batched_tokens, config.prefix_caching))
+        before = expert_group.begin_forward if expert_group is not None else None
+        self.runner = ModelRunner(lm, model_config, self.cache, before, config.batch_decodes)
+        self.states: dict[str, RequestState] = {}
+        self.embeddings: dict[str, dict[int, torch.Tensor]] = {}
+        self._pending: list[RequestOutput] = []
+        self._counters = {"prefill_tokens": 0, "generated_tokens": 0, "steps": 0, "dropped_embeddings": 0}
+        self._step_ms: deque[float] = deque(maxlen=100)
+        self._generated: deque[tuple[float, int]] = deque(maxlen=200)
+
+    @classmethod
+    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
+                       hooks: EngineHooks | None = None) -> Engine:
+        from runtime.lm_service.loading import load_engine_parts
+
+        parts = load_engine_parts(model_dir, config)
+        return cls(parts.lm, parts.model_config, config, parts.eos_token_ids, parts.tokenizer, hooks,
+                   parts.expert_group)
+
+    # --- requests in -------------------------------------------------------------------------
+
+    def add_request(self, request: EngineRequest) -> None:
+        """Queue a request. Raises RequestError (nothing queued) if it can never run."""
+        if request.request_id in self.states:
+            raise RequestError(f"request id {request.request_id!r} is already live", "request_id")
+        spans = self._image_spans(request)
+        max_tokens = self._max_tokens(request)
+        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), spans)
+        self.states[request.request_id] = RequestState(request, seq, max_tokens, self.eos_token_ids, self.tokenizer)
+        self.embeddings[request.request_id] = {}
+        self.scheduler.add(seq)
+
+    def _image_spans(self, request: EngineRequest) -> list[ImageSpan]:
+        if not request.prompt_ids:
+            raise RequestError("the prompt is empty", "prompt")
+        runs = placeholder_runs(request.prompt_ids, self.model_config.image_token_id)
+        if len(runs) != len(request.image_hashes):
+            raise RequestError(f"the prompt has {len(runs)} image placeholder run(s) but "
+                               f"{len(request.image_hashes)} image hash(es) were given", "images")
+        return [ImageSpan(start, end, h) for (start, end), h in zip(runs, request.image_hashes, strict=True)]
+
+    def _max_tokens(self, request: EngineRequest) -> int:
+        prompt = len(request.prompt_ids)
+        limit = min(self.model_config.text.max_position_embeddings, self.scheduler.capacity_tokens)
+        if prompt >= limit:
+            raise RequestError(f"prompt is {prompt} tokens; this engine fits at most {limit - 1}", "messages")
+        wanted = request.params.max_tokens
+        if wanted is None:
+            return limit - prompt
+        if prompt + wanted > limit:
+            raise RequestError(f"prompt ({prompt} tokens) + max_tokens ({wanted}) exceeds the limit of {limit} "
+                               "tokens (context length or KV cache capacity)", "max_tokens")
+        return wanted
+
+    def add_embeddings(self, request_id: str, image_index: int, embeddings: torch.Tensor) -> bool:
+        """Embeddings [tokens, hidden] of one image of a live request. Unknown requests (finished,
+        aborted, never seen) are dropped and counted; a wrong shape fails the request."""
+        state = self.states.get(request_id)
+        if state is None:
+            self._counters["dropped_embeddings"] += 1
+            return False
+        spans = state.seq.images
+        if not 0 <= image_index < len(spans):
+            self.fail(request_id, f"image index {image_index} out of range (the request has {len(spans)} images)")
+            return False
+        span = spans[image_index]
+        expected = (span.end - span.start, self.model_config.text.hidden_size)
+        if tuple(embeddings.shape) != expected:
+            self.fail(request_id, f"image {image_index}: embeddings of shape {tuple(embeddings.shape)}, "
+                                  f"expected {expected}")
+            return False
+        self.embeddings[request_id][image_index] = embeddings.to(self.cache.device, self.config.torch_dtype)
+        span.ready = True
+        return True
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        state = self.states.get(request_id)
+        if state is None:
+            return None
+        self._release(state)
+        return state.output([], "", "abort")
+
+    def fail(self, request_id: str, message: str) -> None:
+        """End a request with an error (delivered by the next step)."""
+        state = self.states.get(request_id)
+        if state is not None:
+            self._release(state)
+            self._pending.append(state.output([], "", "error", error=message))
+
+    def has_unfinished(self) -> bool:
+        return bool(self.states) or bool(self._pending)
+
+    # --- the step ----------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        outputs, self._pending = self._pending, []
+        started = time.perf_counter()
+        plan = self.scheduler.schedule()
+        self._reask_embeddings(plan.preempted)
+        if not plan.chunks:
+            return outputs
+        logits = self.runner.execute([self._step_input(c) for c in plan.chunks])
+        self.scheduler.on_computed(plan)
+        outputs += self._sample([c for c in plan.chunks if c.samples], logits)
+        self._drop_used_embeddings(plan.chunks)
+        self._record(plan.chunks, outputs, started)
+        return outputs
+
+    def _step_input(self, chunk: ScheduledChunk) -> StepInput:
+        seq, end = chunk.seq, chunk.start + chunk.num_tokens
+        stored = self.embeddings[seq.request_id]
+        images = [ImageRows(span.start, stored[i]) for i, span in seq.images_overlapping(chunk.start, end)]
+        return StepInput(seq.token_ids[chunk.start : end], seq.table.block_ids, chunk.start, chunk.samples, images)
+
+    def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        outputs = []
+        for chunk, row in zip(chunks, logits, strict=True):
+            state = self.states[chunk.seq.request_id]
+            out = state.accept(state.sample(row), row)
+            if out.finished:
+                self._release(state)
+            outputs.append(out)
+        return outputs
+
+    def _drop_used_embeddings(self, chunks: list[ScheduledChunk]) -> None:
+        for chunk in chunks:
+            stored = self.embeddings.get(chunk.seq.request_id)
+            if stored is None:
+                continue  # the request finished this step
+            for i, span in enumerate(chunk.seq.images):
+                if span.end <= chunk.seq.num_computed and i in stored:
+                    del stored[i]
+                    span.ready = False
+
+    def _reask_embeddings(self, preempted: list[Sequence]) -> None:
+        for seq in preempted:
+            missing = [i for i, span in enumerate(seq.images) if not span.ready]
+            if missing:
+                self.hooks.need_embeddings(seq.request_id, missing)
+
+    def _release(self, state: RequestState) -> None:
+        self.scheduler.remove(state.seq)
+        self.embeddings.pop(state.request_id, None)
+        del self.states[state.request_id]
+        self.hooks.released(state.request_id)
+
+    # --- stats -------------------------------------------------------------------------------
+
+    def _record(self, chunks: list[ScheduledChunk], outputs: list[RequestOutput], started: float) -> None:
+        now = time.perf_counter()
+        generated = sum(len(o.token_ids) for o in outputs)
+        self._counters["steps"] += 1
+        self._counters["generated_tokens"] += generated
+        self._counters["prefill_tokens"] += sum(c.num_tokens for c in chunks if c.start < c.seq.prompt_len)
+        self._step_ms.append((now - started) * 1e3)
+        self._generated.append((now, generated))
+
+    def stats(self) -> EngineStats:
+        window = [(t, n) for t, n in self._generated if t > time.perf_counter() - 10.0]
+        span = window[-1][0] - window[0][0] if len(window) > 1 else 0.0
+        rate = sum(n for _, n in window[1:]) / span if span > 0 else 0.0
+        pool = self.scheduler.pool
+        return EngineStats(
+            running=len(self.scheduler.running),
+            waiting=len(self.scheduler.waiting),
+            kv_blocks_used=pool.num_used,
+            kv_blocks_total=len(pool.blocks),
+            kv_bytes_per_token=self.cache.bytes_per_token,
+            prefix_hit_tokens=self.scheduler.prefix_hit_tokens,
+            prefill_tokens=self._counters["prefill_tokens"],
+            generated_tokens=self._counters["generated_tokens"],
+            tokens_per_s=rate,
+            last_step_ms=self._step_ms[-1] if self._step_ms else 0.0,
+            mean_step_ms=sum(self._step_ms) / len(self._step_ms) if self._step_ms else 0.0,
+            steps=self._counters["steps"],
+            preemptions=self.scheduler.preemptions,
+            dropped_embeddings=self._counters["dropped_embeddings"],
+            ep_size=self.config.ep_size,
+            ep_expert_bytes=self.expert_group.expert_bytes() if self.expert_group is not None else [],
+        )
+
+    def close(self) -> None:
+        if self.expert_group is not None:
+            self.expert_group.close()
+            self.expert_group = None

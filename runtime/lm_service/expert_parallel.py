@@ -1,0 +1,186 @@
+"""Expert parallelism: E ranks share a model's routed experts; rank r holds only its 1/E of them.
+
+Rank 0 lives in the engine's process and runs everything else (embeddings, attention, dense
+layers, shared experts, the gate). Ranks 1..E-1 are worker processes that hold only their routed
+experts. Per forward, rank 0 announces the token count; then in every MoE layer it broadcasts
+the hidden states with their routing (expert ids and weights), every rank applies its own experts
+(contributing zeros when none of the tokens picked them), and a sum-reduce brings the partial
+outputs back to rank 0. Every rank takes part in every collective of every forward, so an idle rank
+can never leave the group waiting. Collectives have a timeout: a dead rank fails the forward
+instead of hanging it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import multiprocessing as mp
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from runtime.models.deepseek_v3 import DeepseekV3LM, MoE, RoutedExperts
+
+STOP, FORWARD = 0, 1
+
+
+def expert_range(n_experts: int, size: int, rank: int) -> tuple[int, int]:
+    """(first, count) of the experts rank owns; the first n % size ranks take one more."""
+    if size > n_experts:
+        raise ValueError(f"EP size {size} exceeds the {n_experts} routed experts")
+    base, extra = divmod(n_experts, size)
+    first = rank * base + min(rank, extra)
+    return first, base + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class RankSpec:
+    """Everything a worker rank needs, picklable (spawned processes and Ray actors take it)."""
+
+    model_dir: str
+    rank: int
+    size: int
+    host: str
+    port: int
+    dtype: str
+    device: str
+    timeout_s: float
+    threads: int
+
+
+class _Collectives:
+    """The group's few collectives. Gloo moves CPU tensors; NCCL moves tensors on each rank's GPU."""
+
+    def __init__(self, store: dist.Store, rank: int, size: int, device: str, timeout_s: float):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.nccl = device.startswith("cuda") and torch.cuda.device_count() >= size
+        self.comm_device = torch.device(f"cuda:{rank}") if self.nccl else torch.device("cpu")
+        # The backends' stubs lack the collectives; they exist at run time.
+        self.pg: Any = (dist.ProcessGroupNCCL(store, rank, size, dist.ProcessGroupNCCL.Options())
+                        if self.nccl else dist.ProcessGroupGloo(store, rank, size, timeout))
+
+    def broadcast(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.comm_device)
+        self.pg.broadcast(t, 0).wait()
+        return t
+
+    def reduce_to_rank0(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.comm_device)
+        self.pg.reduce(t, 0).wait()
+        return t
+
+    def allgather_ints(self, value: int, size: int) -> list[int]:
+        out = [torch.zeros(1, dtype=torch.long, device=self.comm_device) for _ in range(size)]
+        self.pg.allgather([out], [torch.tensor([value], device=self.comm_device)]).wait()
+        return [int(t.item()) for t in out]
+
+
+def _payload(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """One float32 tensor [T, hidden + 2k]: states, routing weights, expert ids (exact below 2^24)."""
+    return torch.cat([x.float(), weights.float(), ids.float()], dim=1)
+
+
+def _unpack(payload: torch.Tensor, hidden: int, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    x, weights, ids = payload.split([hidden, k, k], dim=1)
+    return x, ids.long(), weights
+
+
+def _bytes(experts: list[RoutedExperts]) -> int:
+    return sum(p.numel() * p.element_size() for e in experts for p in e.parameters())
+
+
+class ExpertGroup:
+    """Rank 0's side: the MoE layers' dispatch, and the handle on the worker ranks."""
+
+    def __init__(self, comm: _Collectives, workers: list, lm: nn.Module):
+        self.comm, self.workers = comm, workers
+        local = attach(lm, self)
+        self.rank_expert_bytes = comm.allgather_ints(_bytes(local), len(workers) + 1)
+        self.closed = False
+
+    @classmethod
+    def start(cls, model_dir: str, size: int, dtype: str, device: str, timeout_s: float, threads: int,
+              load_local: Callable[[tuple[int, int]], DeepseekV3LM], n_experts: int,
+              host: str = "127.0.0.1") -> tuple[DeepseekV3LM, ExpertGroup]:
+        """Spawn ranks 1..size-1 and join them; load rank 0's model with its own expert range
+        (load_local) and route its MoE layers through the group."""
+        store = dist.TCPStore(host, 0, size, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+        ctx = mp.get_context("spawn")
+        workers = []
+        for rank in range(1, size):
+            spec = RankSpec(str(model_dir), rank, size, host, store.port, dtype, device, timeout_s, threads)
+            proc = ctx.Process(target=run_worker_rank, args=(spec,), daemon=True, name=f"ep-rank-{rank}")
+            proc.start()
+            workers.append(proc)
+        comm = _Collectives(store, 0, size, device, timeout_s)
+        lm = load_local(expert_range(n_experts, size, 0))
+        return lm, cls(comm, workers, lm)
+
+    def begin_forward(self, num_tokens: int) -> None:
+        self.comm.broadcast(torch.tensor([FORWARD, num_tokens], dtype=torch.long))
+
+    def dispatch(self, experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor,
+                 weights: torch.Tensor) -> torch.Tensor:
+        self.comm.broadcast(_payload(x, ids, weights))
+        partial = experts(x, ids, weights).float()
+        return self.comm.reduce_to_rank0(partial).to(x.device, x.dtype)
+
+    def expert_bytes(self) -> list[int]:
+        """Resident routed-expert bytes of each rank, rank 0 first."""
+        return list(self.rank_expert_bytes)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        with contextlib.suppress(RuntimeError):  # a rank already gone is terminated below
+            self.comm.broadcast(torch.tensor([STOP, 0], dtype=torch.long))
+        for proc in self.workers:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+
+
+def attach(lm: nn.Module, group: ExpertGroup) -> list[RoutedExperts]:
+    """Route every MoE layer of rank 0's model through the group; return its local experts."""
+    local = []
+    for module in lm.modules():
+        if isinstance(module, MoE):
+            module.dispatch = group.dispatch
+            local.append(module.experts)
+    return local
+
+
+def run_worker_rank(spec: RankSpec) -> None:
+    """Entry point of ranks 1..E-1: load this rank's experts, then serve forwards until STOP."""
+    from runtime.checkpoint.loader import load_routed_experts
+    from runtime.lm_service.engine import DTYPES
+    from runtime.models.config import load_model_config
+
+    torch.set_num_threads(spec.threads)
+    cfg = load_model_config(spec.model_dir)
+    store = dist.TCPStore(spec.host, spec.port, spec.size, False, datetime.timedelta(seconds=spec.timeout_s))
+    comm = _Collectives(store, spec.rank, spec.size, spec.device, spec.timeout_s)
+    device = str(comm.comm_device) if comm.nccl else spec.device
+    owned = expert_range(cfg.text.n_routed_experts, spec.size, spec.rank)
+    layers = list(load_routed_experts(spec.model_dir, cfg, owned, DTYPES[spec.dtype], device).values())
+    comm.allgather_ints(_bytes(layers), spec.size)
+    _serve(comm, layers, cfg.text.hidden_size, cfg.text.num_experts_per_tok, DTYPES[spec.dtype], device)
+
+
+@torch.inference_mode()
+def _serve(comm: _Collectives, layers: list[RoutedExperts], hidden: int, k: int, dtype: torch.dtype,
+           device: str) -> None:
+    while True:
+        header = comm.broadcast(torch.zeros(2, dtype=torch.long))
+        op, num_tokens = (int(v) for v in header.tolist())
+        if op == STOP:
+            return
+        for experts in layers:
+            payload = comm.broadcast(torch.empty(num_tokens, hidden + 2 * k))
+            x, ids, weights = _unpack(payload.to(device), hidden, k)
+            comm.reduce_to_rank0(experts(x.to(dtype), ids, weights).float())

@@ -1,0 +1,46 @@
+"""Build an engine's parts from a checkpoint directory: the LM (with its expert-parallel group
+when ep_size > 1), the tokenizer and the EOS ids from generation_config."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from transformers import AutoTokenizer
+
+from runtime.checkpoint.loader import load_language_model
+from runtime.lm_service.expert_parallel import ExpertGroup
+from runtime.models.config import ModelConfig, load_model_config
+from runtime.models.deepseek_v3 import DeepseekV3LM
+from runtime.prompt import GenerationDefaults
+
+if TYPE_CHECKING:
+    from runtime.lm_service.engine import EngineConfig
+
+
+@dataclass
+class EngineParts:
+    model_config: ModelConfig
+    lm: DeepseekV3LM
+    tokenizer: Any
+    eos_token_ids: tuple[int, ...]
+    expert_group: ExpertGroup | None
+
+
+def load_engine_parts(model_dir: str | Path, config: EngineConfig) -> EngineParts:
+    cfg = load_model_config(model_dir)
+
+    def load_local(experts: tuple[int, int] | None) -> DeepseekV3LM:
+        return load_language_model(model_dir, cfg, config.torch_dtype, config.device, expert_range=experts)
+
+    group = None
+    if config.ep_size > 1:
+        lm, group = ExpertGroup.start(str(model_dir), config.ep_size, config.dtype, config.device,
+                                      config.ep_timeout_s, config.threads_per_rank, load_local,
+                                      cfg.text.n_routed_experts)
+    else:
+        lm = load_local(None)
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    eos = GenerationDefaults.load(model_dir, cfg).eos_token_ids
+    return EngineParts(cfg, lm, tokenizer, eos, group)

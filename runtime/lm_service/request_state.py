@@ -1,0 +1,88 @@
+"""Per-request generation state: sampling generator, stop rules, incremental text, logprobs.
+
+The engine owns one RequestState per live request. It turns each sampled token into a
+RequestOutput delta and decides when the request is finished.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from runtime.lm_service.detokenize import IncrementalDetokenizer
+from runtime.lm_service.sampling import choose, new_generator, suppress, token_logprobs
+from runtime.lm_service.scheduler import Sequence
+from runtime.protocol import RequestOutput, TokenLogprob
+from runtime.requests import SamplingParams
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """A prompt ready for the LM: ids with image placeholders already expanded (one run of
+    placeholder ids per image), and each image's content hash in order (prefix caching keys on it)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    image_hashes: tuple[str, ...] = ()
+
+
+class RequestState:
+    def __init__(self, request: EngineRequest, seq: Sequence, max_tokens: int, eos_ids: tuple[int, ...],
+                 tokenizer: Any | None):
+        self.request, self.seq, self.params = request, seq, request.params
+        self.max_tokens = max_tokens
+        self.stop_ids = frozenset(() if self.params.ignore_eos else eos_ids) | frozenset(self.params.stop_token_ids)
+        self.generator = new_generator(self.params)
+        self.detok = (IncrementalDetokenizer(tokenizer, self.params.skip_special_tokens, self.params.stop)
+                      if tokenizer is not None else None)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_output(self) -> int:
+        return self.seq.num_tokens - self.seq.prompt_len
+
+    def sample(self, logits: torch.Tensor) -> int:
+        """logits [vocab] float32 -> next token (stop ids are banned until min_tokens is reached)."""
+        banned = sorted(self.stop_ids) if self.num_output < self.params.min_tokens else []
+        return choose(suppress(logits, banned), self.params, self.generator)
+
+    def accept(self, token: int, logits: torch.Tensor | None) -> RequestOutput:
+        """Record the sampled token; return this step's delta (finished when a stop rule fired)."""
+        self.seq.token_ids.append(token)
+        logprobs = None
+        if self.params.logprobs and logits is not None:
+            lp = token_logprobs(logits, token, self.params.top_logprobs)
+            logprobs = [TokenLogprob(lp["token_id"], lp["logprob"], lp["top"])]
+        reason, text = self._stop_reason_and_text(token)
+        return self.output([token], text, reason, logprobs)
+
+    def _stop_reason_and_text(self, token: int) -> tuple[str | None, str]:
+        if token in self.stop_ids and self.num_output >= self.params.min_tokens:
+            return "stop", self.detok.finish() if self.detok else ""  # the stop token itself is not shown
+        text = self.detok.push([token]) if self.detok else ""
+        if self.detok is not None and self.detok.stopped:
+            return "stop", text
+        if self.num_output >= self.max_tokens:
+            return "length", text + (self.detok.finish() if self.detok else "")
+        return None, text
+
+    def output(self, token_ids: list[int], text: str, reason: str | None,
+               logprobs: list[TokenLogprob] | None = None, error: str | None = None) -> RequestOutput:
+        return RequestOutput(
+            request_id=self.request_id,
+            token_ids=token_ids,
+            text=text,
+            finished=reason is not None,
+            finish_reason=reason,
+            error=error,
+            logprobs=logprobs,
+            prompt_tokens=self.seq.prompt_len,
+            completion_tokens=self.num_output,
+            cached_tokens=min(self.seq.prefix_hit_tokens, self.seq.prompt_len),
+        )
