@@ -99,3 +99,15 @@ def reference_image_processor(patch_size: int, merge_size: int, max_patches: int
         patch_size=patch_size, merge_size=merge_size, max_patches=max_patches,
         size={"max_height": max_side, "max_width": max_side},
     )
+
+
+def reference_greedy(ref: Any, inputs: dict, steps: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens (its own KV cache) and the prefill logits [S, vocab]."""
+    with torch.no_grad():
+        out = ref(**inputs, use_cache=True)
+        prefill_logits = out.logits[0]
+        tokens = [int(out.logits[0, -1].argmax())]
+        for _ in range(steps - 1):
+            out = ref(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+            tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens, prefill_logits

@@ -209,8 +209,20 @@ class Engine:
             self._release(state)
             self._pending.append(state.output([], "", "error", error=message))
 
+    def fail_all(self, message: str) -> list[RequestOutput]:
+        """End every live request with an error; return those outputs (and any pending ones)."""
+        for request_id in list(self.states):
+            self.fail(request_id, message)
+        outputs, self._pending = self._pending, []
+        return outputs
+
     def has_unfinished(self) -> bool:
         return bool(self.states) or bool(self._pending)
+
+    @property
+    def steps_run(self) -> int:
+        """Forwards run so far (a step with nothing schedulable does not count)."""
+        return self._counters["steps"]
 
     # --- the step ----------------------------------------------------------------------------
 

@@ -121,6 +121,13 @@ class OfflineLLM:
         for i, e in zip(indexes, embeds, strict=True):
             self.engine.add_embeddings(request_id, i, e)
 
+    def abort(self, request_id: str) -> bool:
+        out = self.engine.abort(request_id)
+        if out is not None:
+            self._results[request_id].add(out)
+            self._images.pop(request_id, None)
+        return out is not None
+
     def step(self) -> list[RequestOutput]:
         outputs = self.engine.step()
         for out in outputs:

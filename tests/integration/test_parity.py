@@ -14,7 +14,7 @@ from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import OfflineLLM
 from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
 from runtime.requests import SamplingParams
-from tests.reference import reference_image_processor, reference_model
+from tests.reference import reference_greedy, reference_image_processor, reference_model
 
 PRESETS = ["tiny", "odd", "mla576"]
 DIALECTS = ["transformers", "original"]
@@ -57,17 +57,6 @@ def _reference_inputs(model: OfflineLLM, images: list[bytes], messages: list[dic
     return processor(text=[text], images=pil or None, return_tensors="pt")
 
 
-def _reference_greedy(ref, inputs: dict, steps: int) -> tuple[list[int], torch.Tensor]:
-    with torch.no_grad():
-        out = ref(**inputs, use_cache=True)
-        prefill_logits = out.logits[0]
-        tokens = [int(out.logits[0, -1].argmax())]
-        for _ in range(steps - 1):
-            out = ref(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens, prefill_logits
-
-
 @pytest.mark.parametrize("dialect", DIALECTS)
 @pytest.mark.parametrize("preset", PRESETS)
 def test_matches_transformers(checkpoints, preset: str, dialect: str) -> None:
@@ -90,7 +79,7 @@ def test_matches_transformers(checkpoints, preset: str, dialect: str) -> None:
                 rel = ((a - b).norm() / b.norm()).item()
                 assert rel < 1e-5, f"{case}: image embedding relative error {rel:.2e}"
 
-        ref_tokens, ref_logits = _reference_greedy(ref, inputs, steps=32)
+        ref_tokens, ref_logits = reference_greedy(ref, inputs, steps=32)
         with torch.no_grad():
             kv = ContiguousLatentKV(ours.config.text, len(ids), torch.float32)
             lm = ours.engine.runner.lm

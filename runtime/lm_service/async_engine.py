@@ -1,0 +1,120 @@
+"""The engine's async face: a step loop on its own thread, one output stream per request.
+
+Callers on any asyncio loop add requests and iterate their outputs; leaving the iteration early
+(client gone, task cancelled) aborts the request, which frees everything it held. All engine calls
+go through one lock, so the engine itself stays single-threaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from runtime.lm_service.engine import Engine, EngineStats
+from runtime.lm_service.request_state import EngineRequest
+from runtime.protocol import RequestOutput
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop failed (for example an expert-parallel rank died); the engine takes no more work."""
+
+
+@dataclass
+class _Stream:
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[RequestOutput]
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+        self.engine = engine
+        self.idle_wait_s = idle_wait_s
+        self.error: BaseException | None = None
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._streams: dict[str, _Stream] = {}
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
+        self._thread.start()
+
+    async def generate(self, request: EngineRequest,
+                       embeddings: Sequence[tuple[int, torch.Tensor]] = ()) -> AsyncIterator[RequestOutput]:
+        """Queue the request and yield its outputs until the finished one. RequestError if invalid."""
+        stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
+        with self._lock:
+            self._check_alive()
+            self.engine.add_request(request)
+            self._streams[request.request_id] = stream
+            for index, tensor in embeddings:
+                self.engine.add_embeddings(request.request_id, index, tensor)
+        self._wake.set()
+        finished = False
+        try:
+            while not finished:
+                out = await stream.queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.abort(request.request_id)
+
+    def add_embeddings(self, request_id: str, image_index: int, tensor: torch.Tensor) -> bool:
+        with self._lock:
+            accepted = self.engine.add_embeddings(request_id, image_index, tensor)
+        self._wake.set()
+        return accepted
+
+    def fail(self, request_id: str, message: str) -> None:
+        with self._lock:
+            self.engine.fail(request_id, message)
+        self._wake.set()
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            self.engine.abort(request_id)
+            self._streams.pop(request_id, None)
+
+    def stats(self) -> EngineStats:
+        with self._lock:
+            return self.engine.stats()
+
+    def close(self) -> None:
+        self._closed = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+        with self._lock:
+            self.engine.close()
+
+    def _check_alive(self) -> None:
+        if self.error is not None or self._closed:
+            raise EngineDeadError(f"the engine stopped: {self.error or 'closed'}")
+
+    def _run(self) -> None:
+        while not self._closed:
+            with self._lock:
+                steps_before = self.engine.steps_run
+                try:
+                    outputs = self.engine.step()
+                except Exception as e:  # the group or the model is broken: fail everything, stop
+                    self.error = e
+                    outputs = self.engine.fail_all(f"engine step failed: {e}")
+                ran = self.engine.steps_run > steps_before
+            self._deliver(outputs)
+            if self.error is not None:
+                return
+            if not ran:  # nothing schedulable (idle, or waiting for embeddings)
+                self._wake.wait(self.idle_wait_s)
+                self._wake.clear()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            stream = self._streams.get(out.request_id)
+            if stream is None:
+                continue
+            if out.finished:
+                del self._streams[out.request_id]
+            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
