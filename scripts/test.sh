@@ -3,7 +3,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh --test
-.venv/bin/ruff check runtime tests
+.venv/bin/ruff check runtime tests bench
 .venv/bin/mypy
 status=0
 .venv/bin/pytest "$@" || status=$?

@@ -1,0 +1,47 @@
+"""The async stream interface: concurrent streams, deltas that add up, a consumer that leaves."""
+
+from __future__ import annotations
+
+import asyncio
+
+from runtime.lm_service.async_engine import AsyncEngine
+from runtime.lm_service.engine import EngineConfig
+from runtime.lm_service.offline import OfflineLLM, image_content_hash
+from runtime.lm_service.request_state import EngineRequest
+from tests.integration.workload import mixed
+
+CONFIG = EngineConfig(kv_cache_bytes=8 << 20, block_size=4)
+
+
+def test_streams_add_up_and_leaving_aborts(checkpoints) -> None:
+    path = checkpoints("tiny")
+    requests = mixed(5, seed=11, max_tokens=(12, 16))
+    expected = [OfflineLLM(path, CONFIG).generate(r) for r in requests]
+    llm = OfflineLLM(path, CONFIG)
+    engine = AsyncEngine(llm.engine)
+
+    async def consume(i: int) -> tuple[str, list[int], str | None]:
+        r = requests[i]
+        embeds, sizes = llm.encode_images(r.images)
+        ids = llm.prompts.token_ids(r.messages, sizes)
+        request = EngineRequest(f"r{i}", ids, r.sampling, tuple(image_content_hash(b) for b in r.images))
+        text, tokens, reason = "", [], None
+        async for out in engine.generate(request, list(enumerate(embeds))):
+            text, tokens, reason = text + out.text, tokens + out.token_ids, out.finish_reason
+            if i == 0 and len(tokens) >= 3:
+                break  # the client went away: the engine must abort r0
+        return text, tokens, reason
+
+    async def main() -> list[tuple[str, list[int], str | None]]:
+        return await asyncio.gather(*(consume(i) for i in range(len(requests))))
+
+    try:
+        results = asyncio.run(main())
+        stats = engine.stats()
+    finally:
+        engine.close()
+    assert results[0][1] == expected[0].token_ids[:3] and results[0][2] is None
+    for (text, tokens, reason), want in zip(results[1:], expected[1:], strict=True):
+        assert tokens == want.token_ids and text == want.text and reason == "length"
+    assert stats.kv_blocks_used == 0 and stats.running == 0 and stats.waiting == 0
+    assert not llm.engine.states
