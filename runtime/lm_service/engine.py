@@ -247,6 +247,7 @@ class Engine:
         return StepInput(seq.token_ids[chunk.start : end], seq.table.block_ids, chunk.start, chunk.samples, images)
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
+        logits = logits.cpu()  # per-request generators are CPU generators; rows are small
         outputs = []
         for chunk, row in zip(chunks, logits, strict=True):
             state = self.states[chunk.seq.request_id]
