@@ -32,3 +32,30 @@ class RequestOutput(msgspec.Struct, tag="request_output"):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+
+
+# --- vision pool -> LM replica, over ZMQ (a header frame, then the raw tensor frame) ----------
+
+
+class EmbeddingHeader(msgspec.Struct, tag="embedding", frozen=True):
+    """Describes the raw frame that follows: one image's embeddings [tokens, hidden]."""
+
+    request_id: str
+    image_index: int
+    content_hash: str
+    dtype: str  # torch dtype name without the prefix, e.g. "float32", "bfloat16"
+    shape: tuple[int, ...]
+    sender: str  # the vision replica that holds the cache reference (where release goes)
+
+
+class EncodeError(msgspec.Struct, tag="encode_error", frozen=True):
+    """Encoding one image of a request failed; the LM replica fails that request alone."""
+
+    request_id: str
+    image_index: int
+    message: str
+    error_type: str  # "invalid_image" | "image_too_large" | "internal"
+    sender: str
+
+
+VisionMessage = EmbeddingHeader | EncodeError

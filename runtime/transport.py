@@ -1,0 +1,131 @@
+"""Embeddings from a vision replica straight into the LM replica that asked, over ZMQ.
+
+The LM replica binds one long-lived PULL socket (`EmbeddingInbox`) and passes its address as
+`reply_to`. A vision replica keeps one PUSH socket per destination (`EmbeddingSender`). A message
+is two frames: a msgspec header (runtime.protocol.EmbeddingHeader or EncodeError) and, for
+embeddings, the tensor's raw bytes, sent without a copy and wrapped on arrival without a copy
+(`torch.frombuffer` over the received frame).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Callable
+
+import msgspec
+import torch
+import zmq
+
+from runtime.protocol import EmbeddingHeader, EncodeError, VisionMessage
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(VisionMessage)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def node_ip() -> str:
+    """This node's address as other machines see it (falls back to loopback when offline)."""
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # no packet is sent; this only picks the outgoing interface
+            return s.getsockname()[0]
+    except OSError:
+        return "127.0.0.1"
+
+
+class EmbeddingSender:
+    """One PUSH socket per destination address, created on first use and kept."""
+
+    def __init__(self, sender_id: str, context: zmq.Context | None = None, linger_ms: int = 1000):
+        self.sender_id = sender_id
+        self._context = context or zmq.Context.instance()
+        self._sockets: dict[str, zmq.Socket] = {}
+        self._lock = threading.Lock()
+        self.linger_ms = linger_ms
+
+    def _socket(self, address: str) -> zmq.Socket:
+        sock = self._sockets.get(address)
+        if sock is None:
+            sock = self._context.socket(zmq.PUSH)
+            sock.setsockopt(zmq.LINGER, self.linger_ms)
+            sock.connect(address)
+            self._sockets[address] = sock
+        return sock
+
+    def send_embeddings(self, address: str, request_id: str, image_index: int, content_hash: str,
+                        embeddings: torch.Tensor) -> None:
+        tensor = embeddings.detach().contiguous().cpu()
+        header = EmbeddingHeader(request_id, image_index, content_hash, dtype_name(tensor.dtype),
+                                 tuple(tensor.shape), self.sender_id)
+        raw = memoryview(tensor.view(torch.uint8).numpy())  # the tensor's own bytes: no copy
+        with self._lock:
+            self._socket(address).send_multipart([_encoder.encode(header), raw], copy=False)
+
+    def send_error(self, address: str, request_id: str, image_index: int, message: str, error_type: str) -> None:
+        error = EncodeError(request_id, image_index, message, error_type, self.sender_id)
+        with self._lock:
+            self._socket(address).send(_encoder.encode(error))
+
+    def close(self) -> None:
+        with self._lock:
+            for sock in self._sockets.values():
+                sock.close()
+            self._sockets.clear()
+
+
+def tensor_from_frame(header: EmbeddingHeader, frame: zmq.Frame) -> torch.Tensor:
+    """Wrap the received bytes as a tensor without copying them."""
+    dtype = _DTYPES[header.dtype]
+    count = 1
+    for d in header.shape:
+        count *= d
+    if len(frame.buffer) != count * torch.empty((), dtype=dtype).element_size():
+        raise ValueError(f"frame of {len(frame.buffer)} bytes does not hold {header.shape} {header.dtype}")
+    return torch.frombuffer(frame.buffer, dtype=dtype, count=count).view(header.shape)
+
+
+class EmbeddingInbox:
+    """The LM replica's PULL socket and the thread that hands each message to the engine."""
+
+    def __init__(self, on_embeddings: Callable[[EmbeddingHeader, torch.Tensor], None],
+                 on_error: Callable[[EncodeError], None], host: str = "127.0.0.1",
+                 context: zmq.Context | None = None):
+        self.on_embeddings, self.on_error = on_embeddings, on_error
+        self._context = context or zmq.Context.instance()
+        self._socket = self._context.socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        port = self._socket.bind_to_random_port(f"tcp://{host}")
+        self.address = f"tcp://{host}:{port}"
+        self.malformed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="embedding-inbox", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                self._handle(self._socket.recv_multipart(copy=False))
+        self._socket.close()
+
+    def _handle(self, frames: list) -> None:
+        try:
+            message = _decoder.decode(frames[0].buffer)
+            if isinstance(message, EncodeError):
+                self.on_error(message)
+            elif len(frames) == 2:
+                self.on_embeddings(message, tensor_from_frame(message, frames[1]))
+            else:
+                self.malformed += 1
+        except (msgspec.DecodeError, ValueError, KeyError):
+            self.malformed += 1  # a bad message must not take the replica's inbox down
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
