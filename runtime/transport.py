@@ -62,7 +62,7 @@ class EmbeddingSender:
         tensor = embeddings.detach().contiguous().cpu()
         header = EmbeddingHeader(request_id, image_index, content_hash, dtype_name(tensor.dtype),
                                  tuple(tensor.shape), self.sender_id)
-        raw = memoryview(tensor.view(torch.uint8).numpy())  # the tensor's own bytes: no copy
+        raw = tensor.view(torch.uint8).numpy().data  # a memoryview of the tensor's own bytes: no copy
         with self._lock:
             self._socket(address).send_multipart([_encoder.encode(header), raw], copy=False)
 
