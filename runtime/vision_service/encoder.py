@@ -1,0 +1,147 @@
+"""The vision replica's work, without Ray: decode, preprocess, batched MoonViT, cache, push.
+
+`VisionEncoder.encode(request_id, images, reply_to)` looks each image up in the embedding cache
+(one encode per content key, however many requests ask at once), encodes misses in batches that
+gather images from concurrent requests (at most max_batch images, waiting at most max_wait_s for
+company), and pushes each image's embeddings to reply_to. A bad image becomes a typed EncodeError
+pushed to reply_to for that request; the service stays healthy. `release(request_id)` drops the
+request's cache references. Decoding and the model run in worker threads, off the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from runtime.cache.embedding_cache import EmbeddingCache, EmbeddingTooLargeError, embedding_key
+from runtime.checkpoint.loader import load_vision
+from runtime.errors import ImageError, ImageTooLargeError
+from runtime.models.config import load_model_config
+from runtime.transport import EmbeddingSender
+from runtime.vision_service.preprocess import (
+    ImageLimits,
+    decode_image,
+    load_processor_config,
+    placeholder_count,
+    preprocess,
+)
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    dtype: str = "float32"
+    device: str = "cpu"
+    cache_bytes: int = 256 * 2**20
+    lease_s: float = 600.0
+    max_batch: int = 16
+    max_wait_s: float = 0.005
+    max_pixels: int = ImageLimits().max_pixels
+
+
+@dataclass(frozen=True)
+class ImageInput:
+    data: bytes
+    placeholders: int  # the router's count (placeholder_count); checked against ours
+
+
+class _Batcher:
+    """Collects images from concurrent callers and runs the tower once per batch."""
+
+    def __init__(self, run_batch, max_batch: int, max_wait_s: float):
+        self.run_batch, self.max_batch, self.max_wait_s = run_batch, max_batch, max_wait_s
+        self._queue: asyncio.Queue[tuple[torch.Tensor, tuple[int, int], asyncio.Future]] = asyncio.Queue()
+        self._task: asyncio.Task | None = None
+        self.batch_sizes: list[int] = []
+
+    async def submit(self, pixels: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+        future: asyncio.Future[torch.Tensor] = asyncio.get_running_loop().create_future()
+        await self._queue.put((pixels, grid, future))
+        return await future
+
+    async def _loop(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = asyncio.get_running_loop().time() + self.max_wait_s
+            while len(batch) < self.max_batch:
+                timeout = deadline - asyncio.get_running_loop().time()
+                try:
+                    batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)))
+                except TimeoutError:
+                    break
+            self.batch_sizes.append(len(batch))
+            try:
+                outs = await asyncio.to_thread(self.run_batch, [b[0] for b in batch], [b[1] for b in batch])
+                for (_, _, future), out in zip(batch, outs, strict=True):
+                    if not future.done():
+                        future.set_result(out)
+            except Exception as e:  # the whole batch failed: every waiter hears why
+                for _, _, future in batch:
+                    if not future.done():
+                        future.set_exception(e)
+
+
+class VisionEncoder:
+    def __init__(self, model_dir: str | Path, config: VisionConfig, sender_id: str,
+                 sender: EmbeddingSender | None = None):
+        self.config = config
+        model_config = load_model_config(model_dir)
+        self.processor = load_processor_config(model_dir)
+        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+        self.tower = load_vision(model_dir, model_config, self.dtype, config.device)
+        self.hidden = model_config.text.hidden_size
+        self.limits = ImageLimits(max_pixels=config.max_pixels)
+        self.cache: EmbeddingCache[torch.Tensor] = EmbeddingCache(config.cache_bytes, config.lease_s)
+        self.sender = sender or EmbeddingSender(sender_id)
+        self._key_parts = (json.dumps(asdict(self.processor), sort_keys=True), str(Path(model_dir).resolve()),
+                           config.dtype)
+        self._batcher = _Batcher(self._run_tower, config.max_batch, config.max_wait_s)
+
+    @torch.inference_mode()
+    def _run_tower(self, pixels: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
+        return self.tower(torch.cat(pixels).to(self.config.device, self.dtype), grids)
+
+    async def encode(self, request_id: str, images: list[ImageInput], reply_to: str) -> int:
+        """Push every image's embeddings (or its error) to reply_to; return how many succeeded."""
+        results = await asyncio.gather(*(self._encode_one(request_id, i, image, reply_to)
+                                         for i, image in enumerate(images)))
+        return sum(results)
+
+    async def _encode_one(self, request_id: str, index: int, image: ImageInput, reply_to: str) -> bool:
+        key = embedding_key(image.data, *self._key_parts)
+        nbytes = image.placeholders * self.hidden * self.dtype.itemsize
+        try:
+            embeds = await self.cache.get_or_compute(request_id, key, nbytes, lambda: self._compute(image))
+        except (EmbeddingTooLargeError, ImageTooLargeError) as e:
+            self.sender.send_error(reply_to, request_id, index, str(e), "image_too_large")
+            return False
+        except ImageError as e:
+            self.sender.send_error(reply_to, request_id, index, str(e), "invalid_image")
+            return False
+        except Exception as e:  # a bug or a broken tower: this request fails, the replica lives on
+            self.sender.send_error(reply_to, request_id, index, f"{type(e).__name__}: {e}", "internal")
+            return False
+        self.sender.send_embeddings(reply_to, request_id, index, key, embeds)
+        return True
+
+    async def _compute(self, image: ImageInput) -> torch.Tensor:
+        pixels, grid = await asyncio.to_thread(self._prepare, image)
+        return await self._batcher.submit(pixels, grid)
+
+    def _prepare(self, image: ImageInput) -> tuple[torch.Tensor, tuple[int, int]]:
+        decoded = decode_image(image.data, self.limits)
+        expected = placeholder_count(decoded.height, decoded.width, self.processor)
+        if expected != image.placeholders:
+            raise ImageError(f"the request reserved {image.placeholders} image tokens; this image needs {expected}")
+        return preprocess(decoded, self.processor)
+
+    def release(self, request_id: str) -> int:
+        return self.cache.release(request_id)
+
+    def close(self) -> None:
+        self.sender.close()
