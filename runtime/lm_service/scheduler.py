@@ -42,7 +42,7 @@ class ImageSpan:
     ready: bool = False
 
 
-@dataclass
+@dataclass(eq=False)  # identity: two requests are never the same request
 class Sequence:
     """One request as the scheduler sees it: token ids, progress and KV blocks."""
 
@@ -192,7 +192,9 @@ class Scheduler:
         size, hashes = self.config.block_size, seq.table.hashes
         while len(hashes) < num_blocks:
             start = len(hashes) * size
-            images = [span.content_hash for _, span in seq.images_overlapping(start, start + size)]
+            # Where the image sits matters too: the same image at another offset is other KV.
+            overlapping = seq.images_overlapping(start, start + size)
+            images = [f"{span.content_hash}@{span.start - start}" for _, span in overlapping]
             hashes.append(block_hash(hashes[-1] if hashes else None, seq.token_ids[start : start + size], images))
         return hashes
 
