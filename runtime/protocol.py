@@ -59,3 +59,30 @@ class EncodeError(msgspec.Struct, tag="encode_error", frozen=True):
 
 
 VisionMessage = EmbeddingHeader | EncodeError
+
+
+# --- LM replica -> vision replica ----------------------------------------------------------------
+
+
+class ImagePayload(msgspec.Struct, tag="image", frozen=True):
+    data: bytes
+    placeholders: int  # the router's placeholder_count for this image
+
+
+class EncodeRequest(msgspec.Struct, tag="encode_request", frozen=True):
+    """Handle call to the vision pool: encode these images and push them to reply_to."""
+
+    request_id: str
+    images: list[ImagePayload]
+    reply_to: str
+
+
+class EncodeAccepted(msgspec.Struct, tag="encode_accepted", frozen=True):
+    sender: str  # the replica's release address (also in every EmbeddingHeader it pushes)
+    encoded: int  # images pushed as embeddings; the rest were pushed as EncodeErrors
+
+
+class ReleaseRequest(msgspec.Struct, tag="release", frozen=True):
+    """Pushed over ZMQ to the `sender` address of the vision replica that holds the references."""
+
+    request_id: str

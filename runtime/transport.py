@@ -17,11 +17,12 @@ import msgspec
 import torch
 import zmq
 
-from runtime.protocol import EmbeddingHeader, EncodeError, VisionMessage
+from runtime.protocol import EmbeddingHeader, EncodeError, ReleaseRequest, VisionMessage
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(VisionMessage)
+_release_decoder = msgspec.msgpack.Decoder(ReleaseRequest)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -70,6 +71,10 @@ class EmbeddingSender:
         error = EncodeError(request_id, image_index, message, error_type, self.sender_id)
         with self._lock:
             self._socket(address).send(_encoder.encode(error))
+
+    def send_release(self, address: str, request_id: str) -> None:
+        with self._lock:
+            self._socket(address).send(_encoder.encode(ReleaseRequest(request_id)))
 
     def close(self) -> None:
         with self._lock:
@@ -125,6 +130,36 @@ class EmbeddingInbox:
                 self.malformed += 1
         except (msgspec.DecodeError, ValueError, KeyError):
             self.malformed += 1  # a bad message must not take the replica's inbox down
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+class ReleaseInbox:
+    """A vision replica's PULL socket for release messages; its address is the replica's identity."""
+
+    def __init__(self, on_release: Callable[[str], None], host: str = "127.0.0.1",
+                 context: zmq.Context | None = None):
+        self.on_release = on_release
+        self._socket = (context or zmq.Context.instance()).socket(zmq.PULL)
+        self._socket.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://{host}:{self._socket.bind_to_random_port(f'tcp://{host}')}"
+        self.malformed = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="release-inbox", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._socket, zmq.POLLIN)
+        while not self._stop.is_set():
+            if poller.poll(100):
+                try:
+                    self.on_release(_release_decoder.decode(self._socket.recv()).request_id)
+                except msgspec.DecodeError:
+                    self.malformed += 1
+        self._socket.close()
 
     def close(self) -> None:
         self._stop.set()

@@ -1,0 +1,57 @@
+"""The vision pool as a Ray Serve deployment: one VisionEncoder per replica.
+
+LM replicas call `encode(EncodeRequest)` through a handle; embeddings go back over ZMQ, straight
+to the request's `reply_to`. Every replica binds a release socket whose address is its identity:
+it travels back in `EncodeAccepted.sender` and in every EmbeddingHeader, and the LM replica
+pushes `ReleaseRequest(request_id)` there when the request ends. Releases are applied on the
+replica's event loop, where the cache lives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import asdict
+from typing import Any
+
+from ray import serve
+
+from runtime.protocol import EncodeAccepted, EncodeRequest
+from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
+from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
+
+
+@serve.deployment(name="VisionService", ray_actor_options={"num_cpus": 1})
+class VisionService:
+    def __init__(self, model_dir: str, config: dict[str, Any] | None = None, host: str | None = None):
+        import torch
+
+        self.config = VisionConfig(**(config or {}))
+        torch.set_num_threads(1)
+        host = host or node_ip()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.releases = ReleaseInbox(self._release_from_thread, host)
+        self.encoder = VisionEncoder(model_dir, self.config, self.releases.address,
+                                     EmbeddingSender(self.releases.address))
+
+    def _release_from_thread(self, request_id: str) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.encoder.release, request_id)
+
+    async def encode(self, request: EncodeRequest) -> EncodeAccepted:
+        self._loop = asyncio.get_running_loop()
+        images = [ImageInput(i.data, i.placeholders) for i in request.images]
+        encoded = await self.encoder.encode(request.request_id, images, request.reply_to)
+        return EncodeAccepted(self.releases.address, encoded)
+
+    async def release(self, request_id: str) -> int:
+        """Handle-call form of release (the ZMQ release socket is the usual path)."""
+        return self.encoder.release(request_id)
+
+    async def stats(self) -> dict[str, Any]:
+        self.encoder.cache.reclaim_expired()
+        return {"address": self.releases.address, "cache": asdict(self.encoder.cache.stats()),
+                "batch_sizes": list(self.encoder._batcher.batch_sizes[-100:])}
+
+    def __del__(self) -> None:
+        self.releases.close()
+        self.encoder.close()

@@ -1,0 +1,71 @@
+"""The vision pool on a real local Ray cluster and Serve, with real ZMQ to an in-test LM inbox."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+import pytest
+import ray
+import torch
+from ray import serve
+
+from runtime.checkpoint.loader import load_vision
+from runtime.protocol import EncodeError, EncodeRequest, ImagePayload
+from runtime.transport import EmbeddingInbox, EmbeddingSender
+from runtime.vision_service.preprocess import decode_image, load_processor_config, placeholder_count, preprocess
+from tests.integration.workload import png
+
+
+@pytest.fixture(scope="module")
+def vision_app(checkpoints):
+    from runtime.vision_service.deployment import VisionService
+
+    path = checkpoints("tiny")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    handle = serve.run(VisionService.options(num_replicas=1).bind(str(path), {"max_wait_s": 0.01},
+                                                                   "127.0.0.1"),
+                       name="vision", route_prefix=None)
+    yield path, handle
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _payload(path, data: bytes) -> ImagePayload:
+    im = decode_image(data)
+    return ImagePayload(data, placeholder_count(im.height, im.width, load_processor_config(path)))
+
+
+def test_encode_push_release_through_serve(vision_app) -> None:
+    path, handle = vision_app
+    got: queue.Queue = queue.Queue()
+    inbox = EmbeddingInbox(lambda h, t: got.put((h, t.clone())), got.put)
+    sender = EmbeddingSender("lm-test")
+    try:
+        image = png(140, 112, seed=21)
+        request = EncodeRequest("req-1", [_payload(path, image), ImagePayload(b"junk", 4)], inbox.address)
+        accepted = handle.encode.remote(request).result(timeout_s=60)
+        messages = [got.get(timeout=30) for _ in range(2)]
+        header, received = next(m for m in messages if not isinstance(m, EncodeError))
+        error = next(m for m in messages if isinstance(m, EncodeError))
+        assert accepted.encoded == 1 and header.sender == accepted.sender
+        assert error.request_id == "req-1" and error.image_index == 1 and error.error_type == "invalid_image"
+        pixels, grid = preprocess(decode_image(image), load_processor_config(path))
+        with torch.inference_mode():
+            assert torch.equal(received, load_vision(path)(pixels, [grid])[0])
+
+        again = handle.encode.remote(EncodeRequest("req-2", [_payload(path, image)], inbox.address))
+        assert again.result(timeout_s=60).encoded == 1 and got.get(timeout=30)[0].request_id == "req-2"
+        stats = handle.stats.remote().result(timeout_s=30)["cache"]
+        assert stats["hits"] == 1 and stats["misses"] == 2 and stats["live_references"] == 2  # junk was a miss too
+
+        for request_id in ("req-1", "req-2"):
+            sender.send_release(accepted.sender, request_id)
+        deadline = time.monotonic() + 10
+        while handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] == 0
+    finally:
+        sender.close()
+        inbox.close()
