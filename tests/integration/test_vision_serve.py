@@ -69,3 +69,28 @@ def test_encode_push_release_through_serve(vision_app) -> None:
     finally:
         sender.close()
         inbox.close()
+
+
+def test_concurrent_requests_for_one_new_image_encode_once_through_serve(vision_app) -> None:
+    path, handle = vision_app
+    got: queue.Queue = queue.Queue()
+    inbox = EmbeddingInbox(lambda h, t: got.put((h, t.clone())), got.put)
+    sender = EmbeddingSender("lm-test-2")
+    try:
+        before = handle.stats.remote().result(timeout_s=30)["cache"]
+        image = _payload(path, png(84, 84, seed=31))
+        responses = [handle.encode.remote(EncodeRequest(f"c{i}", [image], inbox.address)) for i in range(4)]
+        accepted = [r.result(timeout_s=60) for r in responses]
+        tensors = [got.get(timeout=30)[1] for _ in range(4)]
+        after = handle.stats.remote().result(timeout_s=30)["cache"]
+        assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 3
+        assert all(torch.equal(t, tensors[0]) for t in tensors)
+        for i, a in enumerate(accepted):
+            sender.send_release(a.sender, f"c{i}")
+        deadline = time.monotonic() + 10
+        while handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] == 0
+    finally:
+        sender.close()
+        inbox.close()
