@@ -9,6 +9,7 @@ embeddings, the tensor's raw bytes, sent without a copy and wrapped on arrival w
 
 from __future__ import annotations
 
+import math
 import socket
 import threading
 from collections.abc import Callable
@@ -17,9 +18,9 @@ import msgspec
 import torch
 import zmq
 
+from runtime.models.common import DTYPES
 from runtime.protocol import EmbeddingHeader, EncodeError, ReleaseRequest, VisionMessage
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(VisionMessage)
 _release_decoder = msgspec.msgpack.Decoder(ReleaseRequest)
@@ -85,69 +86,24 @@ class EmbeddingSender:
 
 def tensor_from_frame(header: EmbeddingHeader, frame: zmq.Frame) -> torch.Tensor:
     """Wrap the received bytes as a tensor without copying them."""
-    dtype = _DTYPES[header.dtype]
-    count = 1
-    for d in header.shape:
-        count *= d
+    dtype = DTYPES[header.dtype]
+    count = math.prod(header.shape)
     if len(frame.buffer) != count * torch.empty((), dtype=dtype).element_size():
         raise ValueError(f"frame of {len(frame.buffer)} bytes does not hold {header.shape} {header.dtype}")
     return torch.frombuffer(frame.buffer, dtype=dtype, count=count).view(header.shape)
 
 
-class EmbeddingInbox:
-    """The LM replica's PULL socket and the thread that hands each message to the engine."""
+class _PullLoop:
+    """One PULL socket bound on a random tcp port, drained by its own thread. A message that cannot
+    be decoded is counted in `malformed`; it must not take the loop down."""
 
-    def __init__(self, on_embeddings: Callable[[EmbeddingHeader, torch.Tensor], None],
-                 on_error: Callable[[EncodeError], None], host: str = "127.0.0.1",
-                 context: zmq.Context | None = None):
-        self.on_embeddings, self.on_error = on_embeddings, on_error
-        self._context = context or zmq.Context.instance()
-        self._socket = self._context.socket(zmq.PULL)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        port = self._socket.bind_to_random_port(f"tcp://{host}")
-        self.address = f"tcp://{host}:{port}"
-        self.malformed = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="embedding-inbox", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        while not self._stop.is_set():
-            if poller.poll(100):
-                self._handle(self._socket.recv_multipart(copy=False))
-        self._socket.close()
-
-    def _handle(self, frames: list) -> None:
-        try:
-            message = _decoder.decode(frames[0].buffer)
-            if isinstance(message, EncodeError):
-                self.on_error(message)
-            elif len(frames) == 2:
-                self.on_embeddings(message, tensor_from_frame(message, frames[1]))
-            else:
-                self.malformed += 1
-        except (msgspec.DecodeError, ValueError, KeyError):
-            self.malformed += 1  # a bad message must not take the replica's inbox down
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(timeout=5)
-
-
-class ReleaseInbox:
-    """A vision replica's PULL socket for release messages; its address is the replica's identity."""
-
-    def __init__(self, on_release: Callable[[str], None], host: str = "127.0.0.1",
-                 context: zmq.Context | None = None):
-        self.on_release = on_release
+    def __init__(self, host: str, context: zmq.Context | None, thread_name: str):
         self._socket = (context or zmq.Context.instance()).socket(zmq.PULL)
         self._socket.setsockopt(zmq.LINGER, 0)
         self.address = f"tcp://{host}:{self._socket.bind_to_random_port(f'tcp://{host}')}"
         self.malformed = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="release-inbox", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
@@ -156,11 +112,45 @@ class ReleaseInbox:
         while not self._stop.is_set():
             if poller.poll(100):
                 try:
-                    self.on_release(_release_decoder.decode(self._socket.recv()).request_id)
-                except msgspec.DecodeError:
+                    self._handle(self._socket.recv_multipart(copy=False))
+                except (msgspec.DecodeError, ValueError, KeyError):
                     self.malformed += 1
         self._socket.close()
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
         self._thread.join(timeout=5)
+
+
+class EmbeddingInbox(_PullLoop):
+    """The LM replica's PULL socket and the thread that hands each message to the engine."""
+
+    def __init__(self, on_embeddings: Callable[[EmbeddingHeader, torch.Tensor], None],
+                 on_error: Callable[[EncodeError], None], host: str = "127.0.0.1",
+                 context: zmq.Context | None = None):
+        self.on_embeddings, self.on_error = on_embeddings, on_error
+        super().__init__(host, context, "embedding-inbox")
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        message = _decoder.decode(frames[0].buffer)
+        if isinstance(message, EncodeError):
+            self.on_error(message)
+        elif len(frames) == 2:
+            self.on_embeddings(message, tensor_from_frame(message, frames[1]))
+        else:
+            self.malformed += 1
+
+
+class ReleaseInbox(_PullLoop):
+    """A vision replica's PULL socket for release messages; its address is the replica's identity."""
+
+    def __init__(self, on_release: Callable[[str], None], host: str = "127.0.0.1",
+                 context: zmq.Context | None = None):
+        self.on_release = on_release
+        super().__init__(host, context, "release-inbox")
+
+    def _handle(self, frames: list[zmq.Frame]) -> None:
+        self.on_release(_release_decoder.decode(frames[0].buffer).request_id)

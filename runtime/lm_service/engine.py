@@ -24,11 +24,10 @@ from runtime.lm_service.kv_cache import PagedLatentCache
 from runtime.lm_service.request_state import EngineRequest, RequestState
 from runtime.lm_service.runner import ImageRows, ModelRunner, StepInput
 from runtime.lm_service.scheduler import ImageSpan, ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from runtime.models.common import DTYPES
 from runtime.models.config import ModelConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
 from runtime.protocol import RequestOutput
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)

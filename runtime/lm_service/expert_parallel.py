@@ -158,7 +158,7 @@ def attach(lm: nn.Module, group: ExpertGroup) -> list[RoutedExperts]:
 def run_worker_rank(spec: RankSpec) -> None:
     """Entry point of ranks 1..E-1: load this rank's experts, then serve forwards until STOP."""
     from runtime.checkpoint.loader import load_routed_experts
-    from runtime.lm_service.engine import DTYPES
+    from runtime.models.common import DTYPES
     from runtime.models.config import load_model_config
 
     torch.set_num_threads(spec.threads)

@@ -74,7 +74,8 @@ class PagedBatch:
         for c in chunks:
             starts.append(starts[-1] + c.num_tokens)
         decode = [i for i, c in enumerate(chunks) if c.num_tokens == 1] if batch_decodes else []
-        self._looped = [(i, starts[i], c.num_tokens) for i, c in enumerate(chunks) if i not in set(decode)]
+        together = set(decode)
+        self._looped = [(i, starts[i], c.num_tokens) for i, c in enumerate(chunks) if i not in together]
         self._ctx_slots = {
             i: cache.slots(chunks[i].block_ids, 0, chunks[i].start + n) for i, _, n in self._looped
         }

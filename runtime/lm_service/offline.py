@@ -3,7 +3,6 @@ batching, with the vision tower in the same process standing in for the vision p
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,12 +17,8 @@ from runtime.lm_service.runner import ImageRows, StepInput
 from runtime.prompt import GenerationDefaults, PromptBuilder
 from runtime.protocol import RequestOutput
 from runtime.requests import ChatRequest, SamplingParams
+from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import ImageLimits, decode_image, load_processor_config, preprocess_batch
-
-
-def image_content_hash(data: bytes) -> str:
-    """Full-width digest of an image's bytes (the engine keys prefix-cache blocks on it)."""
-    return hashlib.sha256(data).hexdigest()
 
 
 @dataclass
@@ -81,8 +76,12 @@ class OfflineLLM:
         self.defaults = GenerationDefaults.load(model_dir, self.config)
         self.tokenizer = self.prompts.tokenizer
         self.image_limits = image_limits
+        self.model_dir = model_dir
         self._images: dict[str, list[bytes]] = {}  # kept so a preempted request can be re-encoded
         self._results: dict[str, GenerationResult] = {}
+
+    def image_key(self, data: bytes) -> str:
+        return image_key(data, self.processor, self.model_dir, self.engine.config.dtype)
 
     @torch.inference_mode()
     def encode_images(self, images: list[bytes]) -> tuple[list[torch.Tensor], list[tuple[int, int]]]:
@@ -108,7 +107,7 @@ class OfflineLLM:
 
     def submit_ids(self, request_id: str, ids: list[int], params: SamplingParams,
                    images: Sequence[bytes] = (), embeds: Sequence[torch.Tensor] = ()) -> None:
-        hashes = tuple(image_content_hash(b) for b in images)
+        hashes = tuple(self.image_key(b) for b in images)
         self.engine.add_request(EngineRequest(request_id, ids, params, hashes))
         self._images[request_id] = list(images)
         self._results[request_id] = GenerationResult()

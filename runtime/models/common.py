@@ -7,6 +7,9 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+# The compute dtypes a config may name, by their torch names without the prefix.
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
 
 def _quick_gelu(x: torch.Tensor) -> torch.Tensor:
     return x * torch.sigmoid(1.702 * x)

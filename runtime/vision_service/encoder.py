@@ -20,10 +20,12 @@ import torch
 from runtime.cache.embedding_cache import EmbeddingCache, EmbeddingTooLargeError, embedding_key
 from runtime.checkpoint.loader import load_vision
 from runtime.errors import ImageError, ImageTooLargeError
+from runtime.models.common import DTYPES
 from runtime.models.config import load_model_config
 from runtime.transport import EmbeddingSender
 from runtime.vision_service.preprocess import (
     ImageLimits,
+    ProcessorConfig,
     decode_image,
     load_processor_config,
     placeholder_count,
@@ -46,6 +48,12 @@ class VisionConfig:
 class ImageInput:
     data: bytes
     placeholders: int  # the router's count (placeholder_count); checked against ours
+
+
+def image_key(data: bytes, processor: ProcessorConfig, model_dir: str | Path, dtype: str) -> str:
+    """The image's content key: its bytes plus everything its embeddings depend on. The vision
+    cache and the engine's prefix cache both key on it."""
+    return embedding_key(data, json.dumps(asdict(processor), sort_keys=True), str(Path(model_dir).resolve()), dtype)
 
 
 class _Batcher:
@@ -92,14 +100,13 @@ class VisionEncoder:
         self.config = config
         model_config = load_model_config(model_dir)
         self.processor = load_processor_config(model_dir)
-        self.dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[config.dtype]
+        self.dtype = DTYPES[config.dtype]
         self.tower = load_vision(model_dir, model_config, self.dtype, config.device)
         self.hidden = model_config.text.hidden_size
         self.limits = ImageLimits(max_pixels=config.max_pixels)
         self.cache: EmbeddingCache[torch.Tensor] = EmbeddingCache(config.cache_bytes, config.lease_s)
         self.sender = sender or EmbeddingSender(sender_id)
-        self._key_parts = (json.dumps(asdict(self.processor), sort_keys=True), str(Path(model_dir).resolve()),
-                           config.dtype)
+        self.model_dir = model_dir
         self._batcher = _Batcher(self._run_tower, config.max_batch, config.max_wait_s)
 
     @torch.inference_mode()
@@ -113,7 +120,7 @@ class VisionEncoder:
         return sum(results)
 
     async def _encode_one(self, request_id: str, index: int, image: ImageInput, reply_to: str) -> bool:
-        key = embedding_key(image.data, *self._key_parts)
+        key = image_key(image.data, self.processor, self.model_dir, self.config.dtype)
         nbytes = image.placeholders * self.hidden * self.dtype.itemsize
         try:
             embeds = await self.cache.get_or_compute(request_id, key, nbytes, lambda: self._compute(image))

@@ -6,7 +6,7 @@ import asyncio
 
 from runtime.lm_service.async_engine import AsyncEngine
 from runtime.lm_service.engine import EngineConfig
-from runtime.lm_service.offline import OfflineLLM, image_content_hash
+from runtime.lm_service.offline import OfflineLLM
 from runtime.lm_service.request_state import EngineRequest
 from tests.integration.workload import mixed
 
@@ -24,7 +24,7 @@ def test_streams_add_up_and_leaving_aborts(checkpoints) -> None:
         r = requests[i]
         embeds, sizes = llm.encode_images(r.images)
         ids = llm.prompts.token_ids(r.messages, sizes)
-        request = EngineRequest(f"r{i}", ids, r.sampling, tuple(image_content_hash(b) for b in r.images))
+        request = EngineRequest(f"r{i}", ids, r.sampling, tuple(llm.image_key(b) for b in r.images))
         text, tokens, reason = "", [], None
         async for out in engine.generate(request, list(enumerate(embeds))):
             text, tokens, reason = text + out.text, tokens + out.token_ids, out.finish_reason

@@ -37,6 +37,17 @@ def _payload(path, data: bytes) -> ImagePayload:
     return ImagePayload(data, placeholder_count(im.height, im.width, load_processor_config(path)))
 
 
+def _release_and_count_live(handle, sender: EmbeddingSender, releases: list[tuple[str, str]]) -> int:
+    """Push each (address, request_id) release over ZMQ; wait up to 10 s for the references to drain."""
+    for address, request_id in releases:
+        sender.send_release(address, request_id)
+    deadline = time.monotonic() + 10
+    while (live := handle.stats.remote().result(timeout_s=30)["cache"]["live_references"]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.05)
+    return live
+
+
 def test_encode_push_release_through_serve(vision_app) -> None:
     path, handle = vision_app
     got: queue.Queue = queue.Queue()
@@ -60,12 +71,7 @@ def test_encode_push_release_through_serve(vision_app) -> None:
         stats = handle.stats.remote().result(timeout_s=30)["cache"]
         assert stats["hits"] == 1 and stats["misses"] == 2 and stats["live_references"] == 2  # junk was a miss too
 
-        for request_id in ("req-1", "req-2"):
-            sender.send_release(accepted.sender, request_id)
-        deadline = time.monotonic() + 10
-        while handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] == 0
+        assert _release_and_count_live(handle, sender, [(accepted.sender, "req-1"), (accepted.sender, "req-2")]) == 0
     finally:
         sender.close()
         inbox.close()
@@ -85,12 +91,7 @@ def test_concurrent_requests_for_one_new_image_encode_once_through_serve(vision_
         after = handle.stats.remote().result(timeout_s=30)["cache"]
         assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 3
         assert all(torch.equal(t, tensors[0]) for t in tensors)
-        for i, a in enumerate(accepted):
-            sender.send_release(a.sender, f"c{i}")
-        deadline = time.monotonic() + 10
-        while handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert handle.stats.remote().result(timeout_s=30)["cache"]["live_references"] == 0
+        assert _release_and_count_live(handle, sender, [(a.sender, f"c{i}") for i, a in enumerate(accepted)]) == 0
     finally:
         sender.close()
         inbox.close()
