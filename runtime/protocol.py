@@ -15,6 +15,28 @@ class TokenLogprob(msgspec.Struct, tag="token_logprob", frozen=True):
     top: list[tuple[int, float]] = []
 
 
+class SamplingParams(msgspec.Struct, tag="sampling", frozen=True):
+    """Validated sampling settings of one request (runtime.requests.parse_sampling builds them)."""
+
+    max_tokens: int | None = None
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: bool = False
+    top_logprobs: int = 0
+    skip_special_tokens: bool = True
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
 class RequestOutput(msgspec.Struct, tag="request_output"):
     """What one engine step produced for one request: the new tokens and the text they complete.
 
@@ -32,6 +54,9 @@ class RequestOutput(msgspec.Struct, tag="request_output"):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
+    # With finish_reason "error": "invalid_request" (the client's fault: a bad image), "timeout",
+    # or "internal".
+    error_type: str | None = None
 
 
 # --- vision pool -> LM replica, over ZMQ (a header frame, then the raw tensor frame) ----------
@@ -70,11 +95,18 @@ class ImagePayload(msgspec.Struct, tag="image", frozen=True):
 
 
 class EncodeRequest(msgspec.Struct, tag="encode_request", frozen=True):
-    """Handle call to the vision pool: encode these images and push them to reply_to."""
+    """Handle call to the vision pool: encode these images and push them to reply_to.
+
+    `image_indexes` are the images' indexes within the request (default 0..n-1); a re-encode after
+    preemption asks for a subset."""
 
     request_id: str
     images: list[ImagePayload]
     reply_to: str
+    image_indexes: list[int] | None = None
+
+    def indexes(self) -> list[int]:
+        return list(range(len(self.images))) if self.image_indexes is None else list(self.image_indexes)
 
 
 class EncodeAccepted(msgspec.Struct, tag="encode_accepted", frozen=True):
@@ -86,3 +118,17 @@ class ReleaseRequest(msgspec.Struct, tag="release", frozen=True):
     """Pushed over ZMQ to the `sender` address of the vision replica that holds the references."""
 
     request_id: str
+
+
+# --- router -> LM replica (a Serve handle call, streaming RequestOutputs back) -------------------
+
+
+class GenerateRequest(msgspec.Struct, tag="generate_request", frozen=True):
+    """A validated, tokenized request. `prompt_ids` already hold each image's placeholder run;
+    `image_keys` are the images' content keys (prefix-cache identity and routing affinity)."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    images: list[ImagePayload] = []
+    image_keys: list[str] = []

@@ -13,29 +13,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.errors import RequestError
+from runtime.protocol import SamplingParams
+
+__all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "parse_chat_request", "parse_sampling"]
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int | None = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0 or -1: off
-    min_p: float = 0.0
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    logprobs: bool = False
-    top_logprobs: int = 0
-    skip_special_tokens: bool = True
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0 or self.top_k == 1
 
 
 @dataclass(frozen=True)

@@ -73,9 +73,15 @@ class EmbeddingSender:
         with self._lock:
             self._socket(address).send(_encoder.encode(error))
 
-    def send_release(self, address: str, request_id: str) -> None:
+    def send_release(self, address: str, request_id: str) -> bool:
+        """Never blocks: a release for a replica that is gone (its queue full) is dropped, and the
+        vision cache's lease reclaims the references. Returns whether it was queued."""
         with self._lock:
-            self._socket(address).send(_encoder.encode(ReleaseRequest(request_id)))
+            try:
+                self._socket(address).send(_encoder.encode(ReleaseRequest(request_id)), zmq.NOBLOCK)
+            except zmq.Again:
+                return False
+        return True
 
     def close(self) -> None:
         with self._lock:

@@ -12,6 +12,7 @@ import threading
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
+import msgspec
 import torch
 
 from runtime.lm_service.engine import Engine, EngineStats
@@ -29,6 +30,21 @@ class _Stream:
     queue: asyncio.Queue[RequestOutput]
 
 
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: tokens, text and logprobs joined, the rest from
+    the last."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+    return msgspec.structs.replace(
+        last,
+        token_ids=[t for o in outputs for t in o.token_ids],
+        text="".join(o.text for o in outputs),
+        logprobs=logprobs if any(o.logprobs is not None for o in outputs) else None,
+    )
+
+
 class AsyncEngine:
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
         self.engine = engine
@@ -41,9 +57,10 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
-    async def generate(self, request: EngineRequest,
-                       embeddings: Sequence[tuple[int, torch.Tensor]] = ()) -> AsyncIterator[RequestOutput]:
-        """Queue the request and yield its outputs until the finished one. RequestError if invalid."""
+    def add_request(self, request: EngineRequest,
+                    embeddings: Sequence[tuple[int, torch.Tensor]] = ()) -> AsyncIterator[RequestOutput]:
+        """Queue the request now (RequestError if invalid, EngineDeadError if the loop died) and
+        return its output stream. Must be called on the asyncio loop that will read the stream."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._check_alive()
@@ -52,15 +69,27 @@ class AsyncEngine:
             for index, tensor in embeddings:
                 self.engine.add_embeddings(request.request_id, index, tensor)
         self._wake.set()
+        return self._read(request.request_id, stream)
+
+    async def _read(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
         finished = False
         try:
             while not finished:
-                out = await stream.queue.get()
+                outs = [await stream.queue.get()]
+                while not stream.queue.empty():  # a slow reader gets what piled up as one output
+                    outs.append(stream.queue.get_nowait())
+                out = merge_outputs(outs)
                 finished = out.finished
                 yield out
         finally:
-            if not finished:
-                self.abort(request.request_id)
+            if not finished:  # the reader left early (client gone, task cancelled)
+                self.abort(request_id)
+
+    async def generate(self, request: EngineRequest,
+                       embeddings: Sequence[tuple[int, torch.Tensor]] = ()) -> AsyncIterator[RequestOutput]:
+        """Queue the request and yield its outputs until the finished one."""
+        async for out in self.add_request(request, embeddings):
+            yield out
 
     def add_embeddings(self, request_id: str, image_index: int, tensor: torch.Tensor) -> bool:
         with self._lock:
@@ -68,10 +97,14 @@ class AsyncEngine:
         self._wake.set()
         return accepted
 
-    def fail(self, request_id: str, message: str) -> None:
+    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
         with self._lock:
-            self.engine.fail(request_id, message)
+            self.engine.fail(request_id, message, error_type)
         self._wake.set()
+
+    def missing_embeddings(self, request_id: str) -> list[int]:
+        with self._lock:
+            return self.engine.missing_embeddings(request_id)
 
     def abort(self, request_id: str) -> None:
         with self._lock:

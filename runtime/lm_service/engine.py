@@ -201,12 +201,20 @@ class Engine:
         self._release(state)
         return state.output([], "", "abort")
 
-    def fail(self, request_id: str, message: str) -> None:
+    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
         """End a request with an error (delivered by the next step)."""
         state = self.states.get(request_id)
         if state is not None:
             self._release(state)
-            self._pending.append(state.output([], "", "error", error=message))
+            self._pending.append(state.output([], "", "error", error=message, error_type=error_type))
+
+    def missing_embeddings(self, request_id: str) -> list[int]:
+        """Indexes of the request's images whose embeddings it still waits for ([] if none or unknown)."""
+        state = self.states.get(request_id)
+        if state is None:
+            return []
+        seq = state.seq
+        return [i for i, span in enumerate(seq.images) if not span.ready and span.end > seq.num_computed]
 
     def fail_all(self, message: str) -> list[RequestOutput]:
         """End every live request with an error; return those outputs (and any pending ones)."""

@@ -73,7 +73,8 @@ class RequestState:
         return None, text
 
     def output(self, token_ids: list[int], text: str, reason: str | None,
-               logprobs: list[TokenLogprob] | None = None, error: str | None = None) -> RequestOutput:
+               logprobs: list[TokenLogprob] | None = None, error: str | None = None,
+               error_type: str | None = None) -> RequestOutput:
         return RequestOutput(
             request_id=self.request_id,
             token_ids=token_ids,
@@ -85,4 +86,5 @@ class RequestState:
             prompt_tokens=self.seq.prompt_len,
             completion_tokens=self.num_output,
             cached_tokens=min(self.seq.prefix_hit_tokens, self.seq.prompt_len),
+            error_type=error_type,
         )

@@ -113,10 +113,13 @@ class VisionEncoder:
     def _run_tower(self, pixels: list[torch.Tensor], grids: list[tuple[int, int]]) -> list[torch.Tensor]:
         return self.tower(torch.cat(pixels).to(self.config.device, self.dtype), grids)
 
-    async def encode(self, request_id: str, images: list[ImageInput], reply_to: str) -> int:
-        """Push every image's embeddings (or its error) to reply_to; return how many succeeded."""
+    async def encode(self, request_id: str, images: list[ImageInput], reply_to: str,
+                     indexes: list[int] | None = None) -> int:
+        """Push every image's embeddings (or its error) to reply_to; return how many succeeded.
+        `indexes` are the images' indexes within the request (default 0..n-1)."""
+        indexes = list(range(len(images))) if indexes is None else indexes
         results = await asyncio.gather(*(self._encode_one(request_id, i, image, reply_to)
-                                         for i, image in enumerate(images)))
+                                         for i, image in zip(indexes, images, strict=True)))
         return sum(results)
 
     async def _encode_one(self, request_id: str, index: int, image: ImageInput, reply_to: str) -> bool:

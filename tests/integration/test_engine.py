@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import random
 
+import msgspec
 import pytest
 import torch
 
@@ -56,7 +57,7 @@ def test_batched_equals_alone_equals_transformers(checkpoints) -> None:
 def test_seeded_sampling_does_not_depend_on_batching(checkpoints) -> None:
     llm = OfflineLLM(checkpoints("tiny"), SMALL)
     params = SamplingParams(temperature=0.9, top_k=50, top_p=0.95, max_tokens=10, ignore_eos=True)
-    requests = [dataclasses.replace(r, sampling=dataclasses.replace(params, seed=i))
+    requests = [dataclasses.replace(r, sampling=msgspec.structs.replace(params, seed=i))
                 for i, r in enumerate(mixed(6, seed=2))]
     assert _run_alone(llm, requests) == _run_together(llm, requests, seed=3)
 

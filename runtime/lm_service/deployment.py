@@ -1,0 +1,111 @@
+"""The LM pool as a Ray Serve deployment: one engine per replica (replica count = data-parallel size).
+
+`generate(GenerateRequest)` is a streaming handle call: the replica registers the request with its
+engine, asks the vision pool for the request's images (embeddings arrive over ZMQ at this replica's
+inbox, whose address travels as `reply_to`), and yields RequestOutputs until the last one. When the
+request ends for any reason, the engine frees its KV blocks and embeddings and the vision client
+releases its references in the vision pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from ray import serve
+
+from runtime.errors import RequestError
+from runtime.lm_service.async_engine import AsyncEngine
+from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
+from runtime.lm_service.request_state import EngineRequest
+from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
+from runtime.protocol import EmbeddingHeader, EncodeError, GenerateRequest, RequestOutput
+from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
+from runtime.vision_service.encoder import image_key
+from runtime.vision_service.preprocess import load_processor_config
+
+# Vision errors that are the client's fault (a bad image) rather than ours.
+_CLIENT_IMAGE_ERRORS = {"invalid_image", "image_too_large"}
+
+
+def error_output(request_id: str, message: str, error_type: str) -> RequestOutput:
+    return RequestOutput(request_id, [], "", True, "error", message, error_type=error_type)
+
+
+@serve.deployment(name="LMService", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
+                  health_check_period_s=5)
+class LMService:
+    def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
+                 host: str | None = None, vision_client: dict[str, Any] | None = None):
+        self.config = EngineConfig(**(engine or {}))
+        torch.set_num_threads(self.config.threads_per_rank)
+        self.model_dir = model_dir
+        self.processor = load_processor_config(model_dir)
+        self.inbox = EmbeddingInbox(self._on_embeddings, self._on_error, host or node_ip())
+        self.vision = VisionClient(vision, self.inbox.address, EmbeddingSender(self.inbox.address),
+                                   self._fail, self._missing, VisionClientConfig(**(vision_client or {})))
+        hooks = EngineHooks(need_embeddings=self.vision.encode_from_thread, released=self.vision.request_ended)
+        self.engine = AsyncEngine(Engine.from_model_dir(model_dir, self.config, hooks))
+
+    # --- embeddings in (the inbox thread) ----------------------------------------------------
+
+    def _on_embeddings(self, header: EmbeddingHeader, tensor: torch.Tensor) -> None:
+        self.engine.add_embeddings(header.request_id, header.image_index, tensor)
+
+    def _on_error(self, error: EncodeError) -> None:
+        kind = "invalid_request" if error.error_type in _CLIENT_IMAGE_ERRORS else "internal"
+        self._fail(error.request_id, f"image {error.image_index}: {error.message}", kind)
+
+    def _fail(self, request_id: str, message: str, error_type: str) -> None:
+        self.engine.fail(request_id, message, error_type)
+
+    def _missing(self, request_id: str) -> list[int]:
+        return self.engine.missing_embeddings(request_id)
+
+    # --- the handle API ----------------------------------------------------------------------
+
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        rid = request.request_id
+        keys = request.image_keys or [image_key(i.data, self.processor, self.model_dir, self.config.dtype)
+                                      for i in request.images]
+        if request.images:
+            self.vision.expect(rid, request.images)
+        try:
+            stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, tuple(keys)))
+        except RequestError as e:
+            self.vision.forget(rid)
+            yield error_output(rid, str(e), "invalid_request")
+            return
+        except BaseException:
+            self.vision.forget(rid)
+            raise
+        try:
+            if request.images:
+                self.vision.encode(rid)
+            async for out in stream:
+                yield out
+        finally:
+            self.engine.abort(rid)  # a no-op when it finished; frees everything when the caller left
+
+    async def stats(self) -> dict[str, Any]:
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "pid": os.getpid(),
+            "address": self.inbox.address,
+            "engine": asdict(self.engine.stats()),
+            "vision_client": asdict(self.vision.stats()),
+            "malformed_messages": self.inbox.malformed,
+        }
+
+    async def check_health(self) -> None:
+        if self.engine.error is not None:
+            raise RuntimeError(f"engine stopped: {self.engine.error}")
+        await asyncio.sleep(0)
+
+    def __del__(self) -> None:
+        self.inbox.close()
+        self.engine.close()

@@ -1,0 +1,116 @@
+"""The LM pool and the vision pool together on a real local Ray cluster and Serve: image embeddings
+travel over real ZMQ, releases travel back, and nothing stays referenced afterwards."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import ray
+from ray import serve
+
+from runtime.protocol import GenerateRequest, ImagePayload
+from runtime.router.prepare import RequestPreparer
+from tests.integration.workload import chat, mixed, png, reference_inputs
+from tests.reference import reference_greedy, reference_model
+
+ENGINE = {"num_blocks": 40, "block_size": 8, "max_num_seqs": 8}  # small: a busy replica preempts
+
+
+@pytest.fixture(scope="module")
+def app(checkpoints):
+    from runtime.lm_service.deployment import LMService
+    from runtime.vision_service.deployment import VisionService
+
+    path = checkpoints("tiny")
+    ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    vision = VisionService.options(num_replicas=1).bind(str(path), {"max_wait_s": 0.01}, "127.0.0.1")
+    lm = LMService.options(num_replicas=1).bind(str(path), ENGINE, vision, "127.0.0.1", {"arrival_timeout_s": 20})
+    handle = serve.run(lm, name="lm", route_prefix=None)
+    yield path, handle, serve.get_deployment_handle("VisionService", app_name="lm")
+    serve.shutdown()
+    ray.shutdown()
+
+
+def _collect(handle, request: GenerateRequest, leave_after: int | None = None) -> dict:
+    """Stream one request; with leave_after, stop reading after that many tokens (the client leaves)."""
+    stream = handle.options(stream=True).generate.remote(request)
+    tokens, text, last = [], "", None
+    for out in stream:
+        tokens += out.token_ids
+        text += out.text
+        last = out
+        if leave_after is not None and len(tokens) >= leave_after:
+            stream.cancel()
+            break
+    return {"tokens": tokens, "text": text, "reason": last.finish_reason, "error": last.error,
+            "error_type": last.error_type}
+
+
+def _drained(lm, vision, timeout_s: float = 20) -> tuple[dict, dict]:
+    """Stats once nothing is referenced any more (or as they are at the deadline)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        lm_stats = lm.stats.remote().result(timeout_s=30)
+        cache = vision.stats.remote().result(timeout_s=30)["cache"]
+        idle = (cache["live_references"] == 0 and lm_stats["engine"]["kv_blocks_used"] == 0
+                and lm_stats["vision_client"]["requests"] == 0)
+        if idle or time.monotonic() > deadline:
+            return lm_stats, cache
+        time.sleep(0.1)
+
+
+def test_image_requests_through_both_pools_equal_transformers(app) -> None:
+    path, lm, vision = app
+    prep = RequestPreparer(path, "float32")
+    ref = reference_model(str(path))
+    requests = [r for r in mixed(8, seed=5) if r.images][:3]
+    assert requests
+    for i, r in enumerate(requests):
+        got = _collect(lm, prep.prepare(f"ref-{i}", r))
+        expected, _ = reference_greedy(ref, reference_inputs(prep, r), r.sampling.max_tokens or 0)
+        assert got["tokens"] == expected and got["reason"] == "length"
+        assert got["text"] == prep.tokenizer.decode(expected, skip_special_tokens=True)
+    _drained(lm, vision)
+    before = vision.stats.remote().result(timeout_s=30)["cache"]
+    again = _collect(lm, prep.prepare("again", requests[0]))  # the same image: a cache hit
+    after = vision.stats.remote().result(timeout_s=30)["cache"]
+    assert again["reason"] == "length"
+    assert after["hits"] - before["hits"] == len(requests[0].images) and after["misses"] == before["misses"]
+
+
+def test_mixed_workload_with_aborts_and_failures_leaves_nothing_referenced(app) -> None:
+    path, lm, vision = app
+    prep = RequestPreparer(path, "float32")
+    requests = mixed(16, seed=9, max_tokens=(8, 16))
+    shared = png(112, 84, seed=77)  # several requests share one image
+    requests += [chat(f"describe {k}", [shared], requests[0].sampling) for k in range(4)]
+    expected = {f"w{i}": _collect(lm, prep.prepare(f"solo-{i}", r)) for i, r in enumerate(requests)}
+    _drained(lm, vision)
+
+    jobs = [(f"w{i}", prep.prepare(f"w{i}", r), None) for i, r in enumerate(requests)]
+    jobs += [(f"leave{k}", prep.prepare(f"leave{k}", requests[k]), 2) for k in range(1, 4)]
+    bad = prep.prepare("bad", requests[-1])  # one image; its header is fine, its pixels are not
+    bad_image = ImagePayload(shared[: len(shared) // 2], bad.images[0].placeholders)
+    jobs.append(("bad", GenerateRequest("bad", bad.prompt_ids, bad.sampling, [bad_image], ["k"]), None))
+    long = GenerateRequest("long", [1] * 5000, requests[0].sampling)  # more than the engine can ever hold
+    jobs.append(("long", long, None))
+    before = lm.stats.remote().result(timeout_s=30)["engine"]["preemptions"]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        results = dict(zip([j[0] for j in jobs], pool.map(lambda j: _collect(lm, j[1], j[2]), jobs), strict=True))
+
+    for key, want in expected.items():
+        assert results[key]["tokens"] == want["tokens"], f"{key} differs when run concurrently"
+    for k in range(1, 4):
+        assert results[f"leave{k}"]["tokens"] == expected[f"w{k}"]["tokens"][:len(results[f'leave{k}']['tokens'])]
+    assert results["bad"]["reason"] == "error" and results["bad"]["error_type"] == "invalid_request"
+    assert "image 0" in results["bad"]["error"]
+    assert results["long"]["reason"] == "error" and results["long"]["error_type"] == "invalid_request"
+
+    lm_stats, cache = _drained(lm, vision)
+    assert cache["live_references"] == 0 and lm_stats["vision_client"]["requests"] == 0
+    assert lm_stats["engine"]["kv_blocks_used"] == 0 and lm_stats["engine"]["running"] == 0
+    assert lm_stats["vision_client"]["releases_dropped"] == 0
+    assert lm_stats["engine"]["preemptions"] > before, "the workload was meant to preempt (re-encode path)"
