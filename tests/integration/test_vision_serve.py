@@ -95,3 +95,47 @@ def test_concurrent_requests_for_one_new_image_encode_once_through_serve(vision_
     finally:
         sender.close()
         inbox.close()
+
+
+def test_small_budget_is_never_exceeded_and_lost_releases_expire(vision_app) -> None:
+    """A second app with a 3-image byte budget and a 1 s lease: references whose release never
+    comes are reclaimed, the cache stays within budget, and an image bigger than the budget is refused."""
+    from runtime.vision_service.deployment import VisionService
+
+    path, _ = vision_app
+    one = 9 * 64 * 4  # an 84x84 image: 9 tokens of the tiny model's hidden size 64, float32
+    small = serve.run(VisionService.options(name="VisionSmall").bind(
+        str(path), {"cache_bytes": 3 * one + 100, "lease_s": 1.0, "max_wait_s": 0.0}, "127.0.0.1"),
+        name="vision-small", route_prefix=None)
+    got: queue.Queue = queue.Queue()
+    inbox = EmbeddingInbox(lambda h, t: got.put(h), got.put)
+    sender = EmbeddingSender("lm-small")
+    try:
+        def encode(request_id: str, seed: int, size: tuple[int, int] = (84, 84)):
+            accepted = small.encode.remote(EncodeRequest(request_id, [_payload(path, png(*size, seed=seed))],
+                                                         inbox.address)).result(timeout_s=60)
+            stats = small.stats.remote().result(timeout_s=30)["cache"]
+            assert stats["bytes"] <= stats["budget_bytes"]
+            return accepted, got.get(timeout=30), stats
+
+        held = [encode(f"held{i}", 100 + i) for i in range(6)]  # never released (a crashed LM replica)
+        assert all(not isinstance(message, EncodeError) for _, message, _ in held)
+        # three fit; the other three were pushed without being kept (nothing unreferenced to evict)
+        assert held[-1][2]["live_references"] == 3 and held[-1][2]["bypasses"] == 3
+        time.sleep(1.5)
+        stats = small.stats.remote().result(timeout_s=30)["cache"]
+        assert stats["live_references"] == 0 and stats["expired_leases"] == 3
+
+        for i in range(6):
+            accepted, _, _ = encode(f"released{i}", 200 + i)
+            sender.send_release(accepted.sender, f"released{i}")
+            time.sleep(0.05)  # the release lands before the next request
+        stats = small.stats.remote().result(timeout_s=30)["cache"]
+        assert stats["evictions"] >= 3 and stats["entries"] <= 3
+
+        _, message, _ = encode("huge", 300, size=(500, 300))
+        assert isinstance(message, EncodeError) and message.error_type == "image_too_large"
+    finally:
+        sender.close()
+        inbox.close()
+        serve.delete("vision-small")
