@@ -24,6 +24,7 @@ from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
 from runtime.protocol import EmbeddingHeader, EncodeError, GenerateRequest, RequestOutput
+from runtime.stats_board import Reporter
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
 from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import load_processor_config
@@ -50,6 +51,9 @@ class LMService:
                                    self._fail, self._missing, VisionClientConfig(**(vision_client or {})))
         hooks = EngineHooks(need_embeddings=self.vision.encode_from_thread, released=self.vision.request_ended)
         self.engine = AsyncEngine(Engine.from_model_dir(model_dir, self.config, hooks))
+        context = serve.get_replica_context()
+        self.replica = context.replica_id.unique_id
+        self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)
 
     # --- embeddings in (the inbox thread) ----------------------------------------------------
 
@@ -92,8 +96,15 @@ class LMService:
             self.engine.abort(rid)  # a no-op when it finished; frees everything when the caller left
 
     async def stats(self) -> dict[str, Any]:
+        return self.snapshot()
+
+    async def ping(self) -> str:
+        """Readiness: answers once the engine is loaded (the constructor finished)."""
+        return self.replica
+
+    def snapshot(self) -> dict[str, Any]:
         return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
+            "replica": self.replica,
             "pid": os.getpid(),
             "address": self.inbox.address,
             "engine": asdict(self.engine.stats()),
@@ -107,5 +118,6 @@ class LMService:
         await asyncio.sleep(0)
 
     def __del__(self) -> None:
+        self.reporter.close()
         self.inbox.close()
         self.engine.close()

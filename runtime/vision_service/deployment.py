@@ -16,6 +16,7 @@ from typing import Any
 from ray import serve
 
 from runtime.protocol import EncodeAccepted, EncodeRequest
+from runtime.stats_board import Reporter
 from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
 from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
 
@@ -32,6 +33,8 @@ class VisionService:
         self.releases = ReleaseInbox(self._release_from_thread, host)
         self.encoder = VisionEncoder(model_dir, self.config, self.releases.address,
                                      EmbeddingSender(self.releases.address))
+        context = serve.get_replica_context()
+        self.reporter = Reporter("vision", context.replica_id.unique_id, context.app_name, self.snapshot)
 
     def _release_from_thread(self, request_id: str) -> None:
         if self._loop is not None:
@@ -49,9 +52,20 @@ class VisionService:
 
     async def stats(self) -> dict[str, Any]:
         self.encoder.cache.reclaim_expired()
+        return self.snapshot()
+
+    async def ping(self) -> str:
+        return self.releases.address
+
+    def snapshot(self) -> dict[str, Any]:
+        """Also called from the reporter thread: it reclaims expired leases on the event loop, so
+        they are reclaimed even when nobody asks for stats."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.encoder.cache.reclaim_expired)
         return {"address": self.releases.address, "cache": asdict(self.encoder.cache.stats()),
                 "batch_sizes": list(self.encoder._batcher.batch_sizes[-100:])}
 
     def __del__(self) -> None:
+        self.reporter.close()
         self.releases.close()
         self.encoder.close()

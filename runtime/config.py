@@ -1,0 +1,125 @@
+"""The one typed config of a deployed app, built from the YAML `args` and validated at deploy time.
+
+Replica counts and autoscaling are not here: they are Serve's per-deployment settings
+(`deployments: - name: LMService / VisionService` in the YAML), so that changing them is a
+lightweight update of that pool alone. Everything else a user tunes is here, with a clear message
+when it is wrong.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from runtime.lm_service.engine import EngineConfig
+from runtime.lm_service.vision_client import VisionClientConfig
+from runtime.requests import RequestLimits
+from runtime.vision_service.encoder import VisionConfig
+
+MiB = 2**20
+TINY = "tiny"  # the embedded default: built from the project's own preset on first start
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class EngineArgs(_Section):
+    kv_cache_mb: int = Field(256, ge=1, description="paged latent KV cache per LM replica")
+    block_size: int = Field(16, ge=1, le=1024)
+    max_num_seqs: int = Field(64, ge=1)
+    max_num_batched_tokens: int = Field(1024, ge=16)
+    prefix_caching: bool = True
+    kv_fp8: bool = False
+    ep_size: int = Field(1, ge=1, description="expert-parallel ranks per LM replica")
+    ep_timeout_s: float = Field(120.0, gt=0)
+    threads_per_rank: int = Field(1, ge=1, description="torch threads of each rank")
+
+
+class VisionArgs(_Section):
+    cache_mb: int = Field(256, ge=1, description="embedding cache per vision replica")
+    lease_s: float = Field(600.0, gt=0, description="a reference whose release never comes expires after this")
+    max_batch: int = Field(16, ge=1)
+    max_wait_s: float = Field(0.005, ge=0)
+    max_pixels: int = Field(40_000_000, ge=1)
+    encode_timeout_s: float = Field(120.0, gt=0)
+    arrival_timeout_s: float = Field(30.0, gt=0)
+
+
+class LimitArgs(_Section):
+    max_images: int = Field(16, ge=0)
+    max_image_mb: float = Field(20.0, gt=0)
+    max_stop_strings: int = Field(16, ge=0)
+    max_body_mb: float = Field(64.0, gt=0)
+    max_queued_requests: int = Field(256, ge=1, description="per router replica; beyond it: 429 + Retry-After")
+    request_timeout_s: float = Field(600.0, gt=0)
+
+
+class ImageUrlArgs(_Section):
+    allow_http: bool = False
+    allow_private_addresses: bool = False
+    fetch_timeout_s: float = Field(10.0, gt=0)
+
+
+class AppConfig(_Section):
+    model: str = Field(TINY, description="checkpoint directory, or 'tiny' for the embedded default")
+    served_model_name: str | None = None
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = "cpu"
+    cache_dir: str = "~/.cache/kimi-runtime"
+    host: str | None = Field(None, description="address the ZMQ sockets bind (default: the node's IP)")
+    api_key: str | None = None
+    engine: EngineArgs = EngineArgs()
+    vision: VisionArgs = VisionArgs()
+    limits: LimitArgs = LimitArgs()
+    image_urls: ImageUrlArgs = ImageUrlArgs()
+
+    @field_validator("model")
+    @classmethod
+    def _model_exists(cls, v: str) -> str:
+        if v != TINY and not (Path(v).expanduser() / "config.json").is_file():
+            raise ValueError(f"{v!r} is not a checkpoint directory (no config.json); use 'tiny' for the "
+                             "embedded default")
+        return v
+
+    @property
+    def name(self) -> str:
+        return self.served_model_name or (TINY if self.model == TINY else Path(self.model).name)
+
+    def resolve_model_dir(self) -> Path:
+        """The checkpoint directory; for 'tiny', built into cache_dir on first use (no download)."""
+        if self.model != TINY:
+            return Path(self.model).expanduser().resolve()
+        from runtime.checkpoint.maker import make_checkpoint
+
+        target = Path(self.cache_dir).expanduser() / "tiny"
+        if not (target / "config.json").is_file():
+            make_checkpoint(target, TINY, seed=0)
+        return target.resolve()
+
+    # --- what each service is given ----------------------------------------------------------
+
+    def engine_config(self) -> dict[str, Any]:
+        e = self.engine
+        config = EngineConfig(dtype=self.dtype, device=self.device, block_size=e.block_size,
+                              kv_cache_bytes=e.kv_cache_mb * MiB, kv_fp8=e.kv_fp8, max_num_seqs=e.max_num_seqs,
+                              max_num_batched_tokens=e.max_num_batched_tokens, prefix_caching=e.prefix_caching,
+                              ep_size=e.ep_size, ep_timeout_s=e.ep_timeout_s, threads_per_rank=e.threads_per_rank)
+        return config.__dict__.copy()
+
+    def vision_config(self) -> dict[str, Any]:
+        v = self.vision
+        config = VisionConfig(dtype=self.dtype, device=self.device, cache_bytes=v.cache_mb * MiB,
+                              lease_s=v.lease_s, max_batch=v.max_batch, max_wait_s=v.max_wait_s,
+                              max_pixels=v.max_pixels)
+        return config.__dict__.copy()
+
+    def vision_client_config(self) -> dict[str, Any]:
+        return VisionClientConfig(self.vision.encode_timeout_s, self.vision.arrival_timeout_s).__dict__.copy()
+
+    def request_limits(self) -> RequestLimits:
+        lim = self.limits
+        return RequestLimits(max_images=lim.max_images, max_image_bytes=int(lim.max_image_mb * MiB),
+                             max_stop_strings=lim.max_stop_strings)

@@ -1,0 +1,205 @@
+"""OpenAI wire format: error bodies, chat and completion responses, SSE chunks, reasoning split.
+
+Pure functions over RequestOutputs, so the HTTP layer only moves bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from runtime.protocol import RequestOutput, TokenLogprob
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ApiError(Exception):
+    status: int
+    message: str
+    type: str = "invalid_request_error"
+    param: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.status)
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: int | str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+# Engine error kinds -> (HTTP status, OpenAI error type) for responses not yet started.
+ENGINE_ERRORS = {
+    "invalid_request": (400, "invalid_request_error"),
+    "timeout": (504, "timeout_error"),
+    "internal": (500, "server_error"),
+}
+
+
+def engine_error(out: RequestOutput) -> ApiError:
+    status, kind = ENGINE_ERRORS.get(out.error_type or "internal", (500, "server_error"))
+    return ApiError(status, out.error or "the request failed", kind)
+
+
+# --- reasoning -----------------------------------------------------------------------------------
+
+
+class ReasoningSplitter:
+    """Kimi's `<think>...</think>`: text before the closing tag is reasoning, the rest is content.
+
+    Streaming-safe: a tag split across deltas is held back until it is complete. `reasoning` says
+    whether the answer starts inside a think block (the prompt ended with an open `<think>`)."""
+
+    def __init__(self, reasoning: bool):
+        self.in_reasoning = reasoning
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, str]:
+        """-> (reasoning delta, content delta)."""
+        text = self._held + text
+        self._held = ""
+        reasoning: list[str] = []
+        content: list[str] = []
+        while text:
+            tag = THINK_CLOSE if self.in_reasoning else THINK_OPEN
+            at = text.find(tag)
+            if at < 0:
+                keep = _partial_suffix(text, tag)
+                out, self._held = text[: len(text) - keep], text[len(text) - keep:]
+                (reasoning if self.in_reasoning else content).append(out)
+                break
+            (reasoning if self.in_reasoning else content).append(text[:at])
+            text = text[at + len(tag):]
+            self.in_reasoning = not self.in_reasoning
+        return "".join(reasoning), "".join(content)
+
+    def finish(self) -> tuple[str, str]:
+        held, self._held = self._held, ""
+        return (held, "") if self.in_reasoning else ("", held)
+
+
+def _partial_suffix(text: str, tag: str) -> int:
+    """Length of the longest suffix of text that is a proper prefix of tag."""
+    for n in range(min(len(tag) - 1, len(text)), 0, -1):
+        if text.endswith(tag[:n]):
+            return n
+    return 0
+
+
+def starts_in_reasoning(prompt_ids: list[int], tokenizer: Any) -> bool:
+    """Whether the rendered prompt leaves the model inside an open think block."""
+    vocab = tokenizer.get_vocab()
+    open_id, close_id = vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE)
+    if open_id is None:
+        return False
+    last_open = max((i for i, t in enumerate(prompt_ids) if t == open_id), default=-1)
+    last_close = max((i for i, t in enumerate(prompt_ids) if t == close_id), default=-1)
+    return last_open > last_close
+
+
+# --- logprobs ------------------------------------------------------------------------------------
+
+
+def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> dict[str, Any]:
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        text = tokenizer.decode([token_id])
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return {"content": [{**entry(lp.token_id, lp.logprob), "top_logprobs": [entry(t, p) for t, p in lp.top]}
+                        for lp in logprobs]}
+
+
+def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> dict[str, Any]:
+    tokens = [tokenizer.decode([lp.token_id]) for lp in logprobs]
+    return {
+        "tokens": tokens,
+        "token_logprobs": [lp.logprob for lp in logprobs],
+        "top_logprobs": [{tokenizer.decode([t]): p for t, p in lp.top} for lp in logprobs],
+        "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+    }
+
+
+# --- responses -----------------------------------------------------------------------------------
+
+
+def usage(out: RequestOutput) -> dict[str, Any]:
+    return {
+        "prompt_tokens": out.prompt_tokens,
+        "completion_tokens": out.completion_tokens,
+        "total_tokens": out.prompt_tokens + out.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
+    }
+
+
+@dataclass
+class Completion:
+    """A whole answer gathered from its outputs."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    last: RequestOutput | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        self.token_ids += out.token_ids
+        self.text += out.text
+        self.logprobs += out.logprobs or []
+        self.last = out
+
+
+def chat_response(rid: str, model: str, done: Completion, splitter: ReasoningSplitter | None, want_logprobs: bool,
+                  return_token_ids: bool, prompt_ids: list[int], tokenizer: Any) -> dict[str, Any]:
+    assert done.last is not None
+    message: dict[str, Any] = {"role": "assistant", "content": done.text}
+    if splitter is not None:
+        reasoning, content = splitter.push(done.text)
+        tail_r, tail_c = splitter.finish()
+        message = {"role": "assistant", "content": content + tail_c, "reasoning_content": (reasoning + tail_r) or None}
+    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": done.last.finish_reason,
+                              "logprobs": chat_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
+    body: dict[str, Any] = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+                            "choices": [choice], "usage": usage(done.last)}
+    if return_token_ids:
+        choice["token_ids"] = done.token_ids
+        body["prompt_token_ids"] = prompt_ids
+    return body
+
+
+def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
+               logprobs: dict[str, Any] | None = None, token_ids: list[int] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
+
+
+def completion_response(rid: str, model: str, done: Completion, want_logprobs: bool, return_token_ids: bool,
+                        prompt_ids: list[int], tokenizer: Any) -> dict[str, Any]:
+    assert done.last is not None
+    choice: dict[str, Any] = {"index": 0, "text": done.text, "finish_reason": done.last.finish_reason,
+                              "logprobs": completion_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
+    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+                            "choices": [choice], "usage": usage(done.last)}
+    if return_token_ids:
+        choice["token_ids"] = done.token_ids
+        body["prompt_token_ids"] = prompt_ids
+    return body
+
+
+def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None,
+                     logprobs: dict[str, Any] | None = None, token_ids: list[int] | None = None) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    if token_ids is not None:
+        choice["token_ids"] = token_ids
+    return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()

@@ -1,0 +1,69 @@
+"""Where every replica of an app posts its stats, so the router can show all of them.
+
+A Serve handle reaches one replica per call, not each of them; so each LM and vision replica posts
+its stats here every `period_s` from a reporter thread, and `/stats`, `/metrics` and `/health` read
+the board. A report older than `max_age_s` means the replica is gone and is not shown.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import ray
+
+PERIOD_S = 0.25
+
+
+class StatsBoard:
+    def __init__(self) -> None:
+        self._reports: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+
+    def report(self, pool: str, replica: str, stats: dict[str, Any]) -> None:
+        self._reports[(pool, replica)] = (time.monotonic(), stats)
+
+    def snapshot(self, max_age_s: float = 3.0) -> dict[str, dict[str, dict[str, Any]]]:
+        """{pool: {replica: stats}} of the replicas that reported recently."""
+        now = time.monotonic()
+        out: dict[str, dict[str, dict[str, Any]]] = {}
+        for (pool, replica), (at, stats) in list(self._reports.items()):
+            if now - at > max_age_s:
+                del self._reports[(pool, replica)]
+            else:
+                out.setdefault(pool, {})[replica] = stats
+        return out
+
+
+_remote: Any = ray.remote
+_StatsBoardActor: Any = _remote(num_cpus=0, max_concurrency=64)(StatsBoard)
+
+
+def board(app_name: str) -> Any:
+    """The app's board, created by whichever replica asks first. Detached: it outlives any one
+    replica; `serve shutdown` leaves it, and it holds only a few KB."""
+    return _StatsBoardActor.options(name=f"kimi-stats:{app_name}", namespace="kimi-runtime", get_if_exists=True,
+                              lifetime="detached").remote()
+
+
+class Reporter:
+    """A daemon thread that posts `collect()` to the board every period (fire and forget)."""
+
+    def __init__(self, pool: str, replica: str, app_name: str, collect: Callable[[], dict[str, Any]],
+                 period_s: float = PERIOD_S):
+        self.pool, self.replica, self.collect, self.period_s = pool, replica, collect, period_s
+        self._board = board(app_name)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"{pool}-stats", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period_s):
+            try:
+                self._board.report.remote(self.pool, self.replica, self.collect())
+            except Exception:  # a report is best effort; the next one may get through
+                continue
+
+    def close(self) -> None:
+        self._stop.set()

@@ -1,0 +1,169 @@
+"""The app from deploy/local.yaml on a local Ray cluster, spoken to over real HTTP (and with the
+openai client): answers equal transformers', streams equal whole answers, bad input gets its 4xx,
+and a client that leaves frees everything its request held."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import openai
+import pytest
+import requests
+
+from runtime.protocol import SamplingParams
+from runtime.router.prepare import RequestPreparer
+from tests.e2e.serve_app import ServeApp, free_port, load_yaml, with_overrides
+from tests.integration.workload import chat, png, reference_inputs
+from tests.reference import reference_greedy, reference_model
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    cache_dir = tmp_path_factory.mktemp("app-cache")
+    served = ServeApp(free_port())
+    try:
+        served.deploy(with_overrides(load_yaml("local.yaml"), {"cache_dir": str(cache_dir)}))
+        yield served, Path(cache_dir) / "tiny"
+    finally:
+        served.close()
+
+
+def data_url(image: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(image).decode()
+
+
+def body(text: str, images: list[bytes], **extra) -> dict:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(i)}} for i in images]
+    parts.append({"type": "text", "text": text})
+    return {"model": "tiny", "messages": [{"role": "user", "content": parts}], "temperature": 0,
+            "max_tokens": 8, "ignore_eos": True, **extra}
+
+
+def post(app, path: str, payload, **kw) -> requests.Response:
+    data = payload if isinstance(payload, bytes | str) else json.dumps(payload)
+    return requests.post(f"{app.base_url}{path}", data=data, headers={"Content-Type": "application/json"},
+                         timeout=120, **kw)
+
+
+def stream_events(response: requests.Response) -> list:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith(b"data: "):
+            payload = line[len(b"data: "):].decode()
+            events.append(payload if payload == "[DONE]" else json.loads(payload))
+    return events
+
+
+def test_chat_with_images_equals_transformers(app) -> None:
+    served, model_dir = app
+    prep, ref = RequestPreparer(model_dir, "float32"), reference_model(str(model_dir))
+    greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    cases = [("what is in the picture", [png(112, 84, seed=3)]), ("compare them", [png(56, 56, seed=4),
+                                                                                  png(140, 70, seed=5)]),
+             ("no picture here", [])]
+    for text, images in cases:
+        response = post(served, "/v1/chat/completions", body(text, images, return_token_ids=True))
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        expected, _ = reference_greedy(ref, reference_inputs(prep, chat(text, images, greedy)), 8)
+        assert answer["choices"][0]["token_ids"] == expected
+        assert answer["usage"]["completion_tokens"] == 8 and answer["choices"][0]["finish_reason"] == "length"
+        assert answer["prompt_token_ids"] == reference_inputs(prep, chat(text, images, greedy))["input_ids"][0].tolist()
+
+
+def test_stream_equals_whole_answer(app) -> None:
+    served, _ = app
+    request = body("tell me about it", [png(84, 84, seed=8)], max_tokens=12)
+    whole = post(served, "/v1/chat/completions", request).json()["choices"][0]
+    response = post(served, "/v1/chat/completions", {**request, "stream": True,
+                                                     "stream_options": {"include_usage": True}}, stream=True)
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = stream_events(response)
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 12
+    deltas = [e["choices"][0]["delta"] for e in events[:-2]]
+    assert deltas[0]["role"] == "assistant"
+    content = "".join(d.get("content") or "" for d in deltas)
+    reasoning = "".join(d.get("reasoning_content") or "" for d in deltas)
+    assert content == (whole["message"]["content"] or "")
+    assert reasoning == (whole["message"].get("reasoning_content") or "")
+    assert events[-3]["choices"][0]["finish_reason"] == "length"
+
+
+def test_openai_client_works_unchanged(app) -> None:
+    served, _ = app
+    client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    messages = body("hello", [png(70, 70, seed=9)])["messages"]
+    extra = {"top_k": 1, "ignore_eos": True, "return_token_ids": True}
+    answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, extra_body=extra)
+    assert answer.usage.completion_tokens == 6 and answer.choices[0].finish_reason == "length"
+    pieces = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, stream=True,
+                                            extra_body=extra)
+    streamed = [c for c in pieces if c.choices]
+    assert sum(len(c.choices[0].model_extra.get("token_ids") or []) for c in streamed) == 6
+    assert answer.choices[0].model_extra["token_ids"] == [t for c in streamed
+                                                          for t in c.choices[0].model_extra.get("token_ids") or []]
+    completion = client.completions.create(model="tiny", prompt="the quick brown fox", max_tokens=5,
+                                           temperature=0, extra_body={"ignore_eos": True})
+    assert completion.usage.completion_tokens == 5 and completion.choices[0].finish_reason == "length"
+
+
+BAD = [
+    ("not json", b"{nope", 400, None),
+    ("unknown model", {**body("hi", []), "model": "gpt-9"}, 400, "model"),
+    ("bad role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
+    ("bad part", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0].type"),
+    ("not an image", body("hi", [b"this is text"]), 400, "messages"),
+    ("bad base64", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,@@@"}}]}]}, 400,
+     "messages[0].content[0].image_url.url"),
+    ("http url", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://example.com/a.png"}}]}]}, 400,
+     "messages[0].content[0].image_url.url"),
+    ("too many images", body("hi", [png(28, 28, seed=1)] * 17), 400, None),
+    ("too long", body("word " * 5000, []), 400, "messages"),
+    ("bad temperature", body("hi", [], temperature=-1), 400, "temperature"),
+    ("bad top_p", body("hi", [], top_p=0), 400, "top_p"),
+    ("bad max_tokens", body("hi", [], max_tokens=0), 400, "max_tokens"),
+    ("n=2", body("hi", [], n=2), 400, "n"),
+    ("bad stream", body("hi", [], stream="yes"), 400, "stream"),
+]
+
+
+@pytest.mark.parametrize("name,payload,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_input_gets_an_openai_error(app, name, payload, status, param) -> None:
+    served, _ = app
+    response = post(served, "/v1/chat/completions", payload)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["message"] and error["type"] == "invalid_request_error"
+    if param is not None:
+        assert error["param"] == param
+
+
+def test_client_leaving_mid_stream_frees_its_request(app) -> None:
+    served, _ = app
+    request = body("go on for a while", [png(98, 98, seed=12)], max_tokens=2000, stream=True)
+    response = post(served, "/v1/chat/completions", request, stream=True)
+    lines = response.iter_lines()
+    seen = [next(lines) for _ in range(6)]  # some tokens are flowing
+    assert any(line.startswith(b"data: ") for line in seen)
+    response.close()  # the client goes away
+    stats = served.wait_drained()
+    assert all(s["cache"]["live_references"] == 0 for s in stats["vision"].values())
+    assert all(s["engine"]["kv_blocks_used"] == 0 and s["engine"]["running"] == 0 for s in stats["lm"].values())
+    generated = sum(s["engine"]["generated_tokens"] for s in stats["lm"].values())
+    assert generated < 1500, "the request ran on after its client left"
+
+
+def test_models_health_metrics(app) -> None:
+    served, _ = app
+    assert requests.get(f"{served.base_url}/health", timeout=30).json() == {"status": "ok"}
+    metrics = requests.get(f"{served.base_url}/metrics", timeout=30).text
+    for name in ("kimi_requests_total", "kimi_ttft_s_bucket", "kimi_lm_kv_blocks_used",
+                 "kimi_vision_cache_live_references"):
+        assert name in metrics
+    stats = served.stats()
+    assert len(stats["lm"]) == 1 and len(stats["vision"]) == 1
