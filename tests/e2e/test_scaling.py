@@ -1,0 +1,110 @@
+"""Independent scaling: change one pool's replica count in the deploy YAML and apply it again while
+requests are in flight. The other pool keeps its replicas (same identities, no restart), in-flight
+requests finish, and the new replicas take work."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from tests.e2e.serve_app import ServeApp, free_port, load_yaml, with_overrides
+from tests.e2e.test_http import body, post
+from tests.integration.workload import png
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    served = ServeApp(free_port())
+    args = {"cache_dir": str(tmp_path_factory.mktemp("scale-cache"))}
+    try:
+        served.deploy(with_overrides(load_yaml("local.yaml"), args))
+        yield served, args
+    finally:
+        served.close()
+
+
+DEPLOYMENTS = {"lm": "LMService", "vision": "VisionService"}
+
+
+def _replicas(served, pool: str, count: int, timeout_s: float = 120) -> dict:
+    """The pool's replicas once `count` of them report and Serve routes to all of them."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        replicas = served.stats()[pool]
+        states = serve.status().applications["kimi"].deployments[DEPLOYMENTS[pool]].replica_states
+        if len(replicas) == count and states.get("RUNNING", 0) == count:
+            time.sleep(1.0)  # handles learn of new replicas through a long poll
+            return replicas
+        time.sleep(0.3)
+    raise TimeoutError(f"{pool} did not reach {count} replicas")
+
+
+def _long_requests(served, n: int, seed: int):
+    """n streaming requests with images that run for a while; returns a future of their results."""
+    def one(i: int) -> tuple[int, str | None]:
+        request = body(f"keep going {i}", [png(70 + 14 * i, 70, seed=seed + i)], max_tokens=400, stream=True)
+        response = post(served, "/v1/chat/completions", request, stream=True)
+        reason = None
+        for line in response.iter_lines():
+            if line.startswith(b"data: {") and b'"finish_reason":"' in line.replace(b" ", b""):
+                reason = line.split(b'"finish_reason":')[1].split(b'"')[1].decode()
+        return response.status_code, reason
+
+    pool = ThreadPoolExecutor(n)
+    return pool, [pool.submit(one, i) for i in range(n)]
+
+
+def _burst(served, n: int, seed: int) -> list[int]:
+    """n concurrent requests long enough (64 tokens) that load-aware routing spreads them."""
+    with ThreadPoolExecutor(n) as pool:
+        return list(pool.map(lambda i: post(served, "/v1/chat/completions", body(
+            f"burst {i}", [png(84, 84, seed=seed + i)], max_tokens=64)).status_code, range(n)))
+
+
+def test_scale_vision_then_lm_without_touching_the_other_pool(app) -> None:
+    served, args = app
+    lm_before = set(_replicas(served, "lm", 1))
+    vision_before = set(_replicas(served, "vision", 1))
+
+    pool, running = _long_requests(served, 4, seed=500)
+    time.sleep(0.5)
+    served.client.deploy_apps(_config(args, lm=1, vision=2))
+    vision_now = _replicas(served, "vision", 2)
+    assert set(_replicas(served, "lm", 1)) == lm_before, "the LM replica was restarted"
+    assert vision_before <= set(vision_now), "the first vision replica was replaced"
+    assert [f.result(timeout=300) for f in running] == [(200, "length")] * 4
+    pool.shutdown()
+
+    assert _burst(served, 8, seed=600) == [200] * 8
+    misses = {r: s["cache"]["misses"] for r, s in served.stats()["vision"].items()}
+    assert all(m > 0 for m in misses.values()), f"a vision replica got no work: {misses}"
+
+    pool, running = _long_requests(served, 4, seed=700)
+    time.sleep(0.5)
+    served.client.deploy_apps(_config(args, lm=2, vision=2))
+    lm_now = _replicas(served, "lm", 2)
+    assert lm_before <= set(lm_now), "the first LM replica was replaced"
+    assert set(_replicas(served, "vision", 2)) == set(vision_now), "a vision replica was restarted"
+    assert [f.result(timeout=300) for f in running] == [(200, "length")] * 4
+    pool.shutdown()
+
+    assert _burst(served, 8, seed=800) == [200] * 8
+    generated = {r: s["engine"]["generated_tokens"] for r, s in served.stats()["lm"].items()}
+    assert all(g > 0 for g in generated.values()), f"an LM replica got no work: {generated}"
+
+    stats = served.wait_drained()
+    assert sum(s["cache"]["live_references"] for s in stats["vision"].values()) == 0
+    assert sum(s["engine"]["kv_blocks_used"] for s in stats["lm"].values()) == 0
+    assert requests.get(f"{served.base_url}/health", timeout=30).status_code == 200
+
+
+def _config(args: dict, lm: int, vision: int):
+    from ray.serve.schema import ServeDeploySchema
+
+    config = with_overrides(load_yaml("local.yaml"), args, {"LMService": lm, "VisionService": vision})
+    return ServeDeploySchema.model_validate(config)
