@@ -36,6 +36,8 @@ class EngineArgs(_Section):
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks per LM replica")
     ep_timeout_s: float = Field(120.0, gt=0)
     threads_per_rank: int = Field(1, ge=1, description="torch threads of each rank")
+    cpus_per_rank: float = Field(1.0, ge=0, description="Ray CPUs reserved for each rank (rank 0 = the replica)")
+    gpus_per_rank: float = Field(0.0, ge=0)
 
 
 class VisionArgs(_Section):
@@ -44,6 +46,8 @@ class VisionArgs(_Section):
     max_batch: int = Field(16, ge=1)
     max_wait_s: float = Field(0.005, ge=0)
     max_pixels: int = Field(40_000_000, ge=1)
+    cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for each vision replica")
+    gpus: float = Field(0.0, ge=0)
     encode_timeout_s: float = Field(120.0, gt=0)
     arrival_timeout_s: float = Field(30.0, gt=0)
 
@@ -108,6 +112,23 @@ class AppConfig(_Section):
                               max_num_batched_tokens=e.max_num_batched_tokens, prefix_caching=e.prefix_caching,
                               ep_size=e.ep_size, ep_timeout_s=e.ep_timeout_s, threads_per_rank=e.threads_per_rank)
         return config.__dict__.copy()
+
+    def rank_resources(self) -> dict[str, float]:
+        return {"CPU": self.engine.cpus_per_rank, "GPU": self.engine.gpus_per_rank}
+
+    def lm_options(self) -> dict[str, Any]:
+        """Serve options of the LM deployment: one placement-group bundle per EP rank, packed on one
+        node (bundle 0 is the replica itself)."""
+        res = self.rank_resources()
+        options: dict[str, Any] = {"ray_actor_options": {"num_cpus": res["CPU"], "num_gpus": res["GPU"]}}
+        if self.engine.ep_size > 1:
+            bundle = {k: v for k, v in res.items() if v > 0} or {"CPU": 0.01}
+            options |= {"placement_group_bundles": [bundle] * self.engine.ep_size,
+                        "placement_group_strategy": "STRICT_PACK"}
+        return options
+
+    def vision_options(self) -> dict[str, Any]:
+        return {"ray_actor_options": {"num_cpus": self.vision.cpus, "num_gpus": self.vision.gpus}}
 
     def vision_config(self) -> dict[str, Any]:
         v = self.vision

@@ -21,6 +21,7 @@ from ray import serve
 from runtime.errors import RequestError
 from runtime.lm_service.async_engine import AsyncEngine
 from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
+from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
 from runtime.protocol import EmbeddingHeader, EncodeError, GenerateRequest, RequestOutput
@@ -38,10 +39,13 @@ def error_output(request_id: str, message: str, error_type: str) -> RequestOutpu
 
 
 @serve.deployment(name="LMService", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
-                  health_check_period_s=5)
+                  health_check_period_s=5,
+                  request_router_config={"request_router_class": "runtime.router.request_router:AffinityRouter",
+                                         "request_routing_stats_period_s": 1.0})
 class LMService:
     def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
-                 host: str | None = None, vision_client: dict[str, Any] | None = None):
+                 host: str | None = None, vision_client: dict[str, Any] | None = None,
+                 rank_resources: dict[str, float] | None = None):
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
         self.model_dir = model_dir
@@ -50,7 +54,9 @@ class LMService:
         self.vision = VisionClient(vision, self.inbox.address, EmbeddingSender(self.inbox.address),
                                    self._fail, self._missing, VisionClientConfig(**(vision_client or {})))
         hooks = EngineHooks(need_embeddings=self.vision.encode_from_thread, released=self.vision.request_ended)
-        self.engine = AsyncEngine(Engine.from_model_dir(model_dir, self.config, hooks))
+        # EP worker ranks are Ray actors in this replica's placement group (on its node).
+        launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
+        self.engine = AsyncEngine(Engine.from_model_dir(model_dir, self.config, hooks, launch))
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)
@@ -97,6 +103,12 @@ class LMService:
 
     async def stats(self) -> dict[str, Any]:
         return self.snapshot()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Polled by Serve for the request router (runtime.router.request_router)."""
+        stats = self.engine.stats()
+        return {"running": stats.running, "waiting": stats.waiting,
+                "kv_usage": stats.kv_blocks_used / max(stats.kv_blocks_total, 1)}
 
     async def ping(self) -> str:
         """Readiness: answers once the engine is loaded (the constructor finished)."""

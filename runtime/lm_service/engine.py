@@ -131,10 +131,11 @@ class Engine:
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
-                       hooks: EngineHooks | None = None) -> Engine:
+                       hooks: EngineHooks | None = None, launch: Any = None) -> Engine:
+        """`launch` starts the expert-parallel worker ranks (default: local child processes)."""
         from runtime.lm_service.loading import load_engine_parts
 
-        parts = load_engine_parts(model_dir, config)
+        parts = load_engine_parts(model_dir, config, launch) if launch else load_engine_parts(model_dir, config)
         return cls(parts.lm, parts.model_config, config, parts.eos_token_ids, parts.tokenizer, hooks,
                    parts.expert_group)
 

@@ -17,7 +17,7 @@ import datetime
 import multiprocessing as mp
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,25 @@ class RankSpec:
     device: str
     timeout_s: float
     threads: int
+
+
+class RankHandle(Protocol):
+    """A running worker rank, however it was started (a local process, a Ray actor)."""
+
+    def join(self, timeout: float | None = None) -> None: ...
+    def is_alive(self) -> bool: ...
+    def terminate(self) -> None: ...
+
+
+RankLauncher = Callable[[RankSpec], RankHandle]
+
+
+def spawn_process(spec: RankSpec) -> RankHandle:
+    """The default launcher: a spawned child process of this one (so on this node by construction)."""
+    proc = mp.get_context("spawn").Process(target=run_worker_rank, args=(spec,), daemon=True,
+                                           name=f"ep-rank-{spec.rank}")
+    proc.start()
+    return proc
 
 
 class _Collectives:
@@ -96,7 +115,7 @@ def _bytes(experts: list[RoutedExperts]) -> int:
 class ExpertGroup:
     """Rank 0's side: the MoE layers' dispatch, and the handle on the worker ranks."""
 
-    def __init__(self, comm: _Collectives, workers: list, lm: nn.Module):
+    def __init__(self, comm: _Collectives, workers: list[RankHandle], lm: nn.Module):
         self.comm, self.workers = comm, workers
         local = attach(lm, self)
         self.rank_expert_bytes = comm.allgather_ints(_bytes(local), len(workers) + 1)
@@ -105,17 +124,13 @@ class ExpertGroup:
     @classmethod
     def start(cls, model_dir: str, size: int, dtype: str, device: str, timeout_s: float, threads: int,
               load_local: Callable[[tuple[int, int]], DeepseekV3LM], n_experts: int,
-              host: str = "127.0.0.1") -> tuple[DeepseekV3LM, ExpertGroup]:
-        """Spawn ranks 1..size-1 and join them; load rank 0's model with its own expert range
-        (load_local) and route its MoE layers through the group."""
+              host: str = "127.0.0.1", launch: RankLauncher = spawn_process) -> tuple[DeepseekV3LM, ExpertGroup]:
+        """Launch ranks 1..size-1 and join them; load rank 0's model with its own expert range
+        (load_local) and route its MoE layers through the group. The ranks must run on this node
+        (the store listens on `host`): the launcher guarantees it."""
         store = dist.TCPStore(host, 0, size, True, datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-        ctx = mp.get_context("spawn")
-        workers = []
-        for rank in range(1, size):
-            spec = RankSpec(str(model_dir), rank, size, host, store.port, dtype, device, timeout_s, threads)
-            proc = ctx.Process(target=run_worker_rank, args=(spec,), daemon=True, name=f"ep-rank-{rank}")
-            proc.start()
-            workers.append(proc)
+        workers = [launch(RankSpec(str(model_dir), rank, size, host, store.port, dtype, device, timeout_s, threads))
+                   for rank in range(1, size)]
         comm = _Collectives(store, 0, size, device, timeout_s)
         lm = load_local(expert_range(n_experts, size, 0))
         return lm, cls(comm, workers, lm)

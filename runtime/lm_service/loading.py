@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from transformers import AutoTokenizer
 
 from runtime.checkpoint.loader import load_language_model
-from runtime.lm_service.expert_parallel import ExpertGroup
+from runtime.lm_service.expert_parallel import ExpertGroup, RankLauncher, spawn_process
 from runtime.models.config import ModelConfig, load_model_config
 from runtime.models.deepseek_v3 import DeepseekV3LM
 from runtime.prompt import GenerationDefaults
@@ -28,7 +28,8 @@ class EngineParts:
     expert_group: ExpertGroup | None
 
 
-def load_engine_parts(model_dir: str | Path, config: EngineConfig) -> EngineParts:
+def load_engine_parts(model_dir: str | Path, config: EngineConfig,
+                      launch: RankLauncher = spawn_process) -> EngineParts:
     cfg = load_model_config(model_dir)
 
     def load_local(experts: tuple[int, int] | None) -> DeepseekV3LM:
@@ -38,7 +39,7 @@ def load_engine_parts(model_dir: str | Path, config: EngineConfig) -> EnginePart
     if config.ep_size > 1:
         lm, group = ExpertGroup.start(str(model_dir), config.ep_size, config.dtype, config.device,
                                       config.ep_timeout_s, config.threads_per_rank, load_local,
-                                      cfg.text.n_routed_experts)
+                                      cfg.text.n_routed_experts, launch=launch)
     else:
         lm = load_local(None)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

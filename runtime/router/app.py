@@ -24,9 +24,10 @@ def build_app(args: dict[str, Any]) -> Application:
     # serve.deployment returns Deployment objects that mypy sees as the decorated classes.
     config = AppConfig.model_validate(args or {})
     model_dir = str(config.resolve_model_dir())
-    vision = VisionService.bind(  # type: ignore[attr-defined]
+    vision = VisionService.options(**config.vision_options()).bind(  # type: ignore[attr-defined]
         model_dir, config.vision_config(), config.host)
-    lm = LMService.bind(  # type: ignore[attr-defined]
-        model_dir, config.engine_config(), vision, config.host, config.vision_client_config())
+    lm = LMService.options(**config.lm_options()).bind(  # type: ignore[attr-defined]
+        model_dir, config.engine_config(), vision, config.host, config.vision_client_config(),
+        config.rank_resources())
     return Router.bind(  # type: ignore[attr-defined]
         config.model_dump(), model_dir, lm, vision)
