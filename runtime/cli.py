@@ -1,4 +1,4 @@
-"""`python -m runtime <command>`: make-checkpoint, generate, demo."""
+"""`python -m runtime <command>`: make-checkpoint, generate, demo, serve."""
 
 from __future__ import annotations
 
@@ -45,10 +45,19 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="build the tiny checkpoint (once) and answer a request with an image")
     demo.add_argument("--model", default=str(DEFAULT_DEMO_DIR))
 
+    srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server on a local Ray cluster")
+    srv.add_argument("--model", default=None, help="checkpoint directory or 'tiny' (default: the config's)")
+    srv.add_argument("--config", default=None, help="deploy YAML (default: the repository's deploy/local.yaml)")
+    srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
+    srv.add_argument("--host", default=None, help="HTTP address (default: the config's, 127.0.0.1)")
+    srv.add_argument("--once", action="store_true",
+                     help="send one request with an image over HTTP, print the answer and stop")
+
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    commands = {"make-checkpoint": _make_checkpoint, "generate": _generate, "demo": _demo, "serve": _serve}
     try:
-        return {"make-checkpoint": _make_checkpoint, "generate": _generate, "demo": _demo}[args.command](args)
+        return commands[args.command](args)
     except RuntimeServingError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -129,6 +138,56 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"prompt: {result.prompt_tokens} tokens (with one 112x84 image); "
           f"answer: {len(result.token_ids)} tokens in {seconds:.2f}s, finish_reason={result.finish_reason}")
     print(f"answer text (random weights, so it is noise): {result.text!r}")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import ray
+
+    from runtime.router import launch
+
+    config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host)
+    url = launch.base_url(config)
+    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    try:
+        start = time.perf_counter()
+        launch.deploy(config)
+        launch.wait_ready(url)
+        print(f"serving at {url} (ready in {time.perf_counter() - start:.0f}s): POST {url}/v1/chat/completions, "
+              f"GET {url}/v1/models, {url}/health, {url}/metrics, {url}/stats", flush=True)
+        if args.once:
+            return _ask_once(url)
+        print("Ctrl-C stops it.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        from ray import serve
+
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _ask_once(url: str) -> int:
+    import requests
+
+    body = {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": sample_image_data_url()}},
+        {"type": "text", "text": "Describe the image in one sentence."}]}],
+        "max_tokens": 24, "temperature": 0}
+    start = time.perf_counter()
+    response = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+    seconds = time.perf_counter() - start
+    answer = response.json()
+    if response.status_code != 200:
+        print(f"error {response.status_code}: {answer}", file=sys.stderr)
+        return 1
+    message, usage = answer["choices"][0]["message"], answer["usage"]
+    print(f"HTTP {response.status_code} in {seconds:.2f}s: prompt {usage['prompt_tokens']} tokens (one 112x84 image), "
+          f"answer {usage['completion_tokens']} tokens, finish_reason={answer['choices'][0]['finish_reason']}")
+    print(f"reasoning_content: {message.get('reasoning_content')!r}\ncontent: {message['content']!r} "
+          "(random weights, so it is noise)")
     return 0
 
 

@@ -1,25 +1,16 @@
 """Start the app the way users do: a deploy YAML applied to a local Ray cluster (the same code path
-as `serve deploy` / `serve run deploy/local.yaml`), with real HTTP on a free local port."""
+as `serve deploy` / `python -m runtime serve`), with real HTTP on a free local port."""
 
 from __future__ import annotations
 
-import copy
 import socket
 import time
-from pathlib import Path
 from typing import Any
 
 import ray
 import requests
-import yaml
-from ray.serve._private import api as serve_api
-from ray.serve.schema import ServeDeploySchema
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_yaml(name: str = "local.yaml") -> dict[str, Any]:
-    return yaml.safe_load((ROOT / "deploy" / name).read_text())
+from runtime.router import launch
 
 
 def free_port() -> int:
@@ -28,20 +19,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def with_overrides(config: dict[str, Any], args: dict[str, Any] | None = None,
-                   replicas: dict[str, int] | None = None) -> dict[str, Any]:
-    """A copy of a deploy config with some app args merged in and some replica counts changed."""
-    config = copy.deepcopy(config)
-    app = config["applications"][0]
-    for key, value in (args or {}).items():
-        if isinstance(value, dict):
-            app["args"].setdefault(key, {}).update(value)
-        else:
-            app["args"][key] = value
-    for deployment in app.get("deployments", []):
-        if deployment["name"] in (replicas or {}):
-            deployment["num_replicas"] = replicas[deployment["name"]]
-    return config
+def deploy_config(args: dict[str, Any] | None = None, replicas: dict[str, int] | None = None,
+                  port: int | None = None) -> dict[str, Any]:
+    """deploy/local.yaml with overrides (as `python -m runtime serve` applies them)."""
+    return launch.load_config(args=args, replicas=replicas, port=port)
 
 
 class ServeApp:
@@ -50,28 +31,11 @@ class ServeApp:
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
-        self.client = serve_api.serve_start(http_options={"host": "127.0.0.1", "port": port})
+        self.client = None
 
     def deploy(self, config: dict[str, Any], timeout_s: float = 180) -> None:
-        self.client.deploy_apps(ServeDeploySchema.model_validate(config), _blocking=False)
-        self.wait_ready(timeout_s)
-
-    def wait_ready(self, timeout_s: float = 180) -> None:
-        from ray import serve
-
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            apps = serve.status().applications
-            if apps and all(a.status == "RUNNING" for a in apps.values()):
-                try:
-                    if requests.get(f"{self.base_url}/health", timeout=10).status_code == 200:
-                        return
-                except requests.RequestException:
-                    pass
-            if any(a.status == "DEPLOY_FAILED" for a in apps.values()):
-                raise RuntimeError(f"deploy failed: {[a.message for a in apps.values()]}")
-            time.sleep(0.5)
-        raise TimeoutError("the app did not become ready")
+        self.client = launch.deploy(config)
+        launch.wait_ready(self.base_url, timeout_s)
 
     def stats(self) -> dict[str, Any]:
         return requests.get(f"{self.base_url}/stats", timeout=30).json()

@@ -14,7 +14,7 @@ import requests
 
 from runtime.protocol import SamplingParams
 from runtime.router.prepare import RequestPreparer
-from tests.e2e.serve_app import ServeApp, free_port, load_yaml, with_overrides
+from tests.e2e.serve_app import ServeApp, deploy_config, free_port
 from tests.integration.workload import chat, png, reference_inputs
 from tests.reference import reference_greedy, reference_model
 
@@ -22,9 +22,10 @@ from tests.reference import reference_greedy, reference_model
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("app-cache")
-    served = ServeApp(free_port())
+    port = free_port()
+    served = ServeApp(port)
     try:
-        served.deploy(with_overrides(load_yaml("local.yaml"), {"cache_dir": str(cache_dir)}))
+        served.deploy(deploy_config({"cache_dir": str(cache_dir)}, port=port))
         yield served, Path(cache_dir) / "tiny"
     finally:
         served.close()

@@ -11,7 +11,7 @@ import pytest
 
 from runtime.protocol import SamplingParams
 from runtime.router.prepare import RequestPreparer
-from tests.e2e.serve_app import ServeApp, free_port, load_yaml, with_overrides
+from tests.e2e.serve_app import ServeApp, deploy_config, free_port
 from tests.e2e.test_http import body, post
 from tests.integration.workload import chat, png, reference_inputs
 from tests.reference import reference_greedy, reference_model
@@ -21,9 +21,10 @@ from tests.reference import reference_greedy, reference_model
 def app(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("pools-cache")
     args = {"cache_dir": str(cache_dir), "engine": {"ep_size": 2, "cpus_per_rank": 0.25}, "vision": {"cpus": 0.25}}
-    served = ServeApp(free_port())
+    port = free_port()
+    served = ServeApp(port)
     try:
-        served.deploy(with_overrides(load_yaml("local.yaml"), args, {"LMService": 2, "VisionService": 1}))
+        served.deploy(deploy_config(args, {"LMService": 2, "VisionService": 1}, port=port))
         yield served, cache_dir / "tiny"
     finally:
         served.close()

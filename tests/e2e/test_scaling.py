@@ -10,17 +10,19 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from tests.e2e.serve_app import ServeApp, free_port, load_yaml, with_overrides
+from runtime.router import launch
+from tests.e2e.serve_app import ServeApp, deploy_config, free_port
 from tests.e2e.test_http import body, post
 from tests.integration.workload import png
 
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    served = ServeApp(free_port())
+    port = free_port()
+    served = ServeApp(port)
     args = {"cache_dir": str(tmp_path_factory.mktemp("scale-cache"))}
     try:
-        served.deploy(with_overrides(load_yaml("local.yaml"), args))
+        served.deploy(deploy_config(args, port=port))
         yield served, args
     finally:
         served.close()
@@ -73,7 +75,7 @@ def test_scale_vision_then_lm_without_touching_the_other_pool(app) -> None:
 
     pool, running = _long_requests(served, 4, seed=500)
     time.sleep(0.5)
-    served.client.deploy_apps(_config(args, lm=1, vision=2))
+    launch.deploy(deploy_config(args, {"LMService": 1, "VisionService": 2}, port=served.port))
     vision_now = _replicas(served, "vision", 2)
     assert set(_replicas(served, "lm", 1)) == lm_before, "the LM replica was restarted"
     assert vision_before <= set(vision_now), "the first vision replica was replaced"
@@ -86,7 +88,7 @@ def test_scale_vision_then_lm_without_touching_the_other_pool(app) -> None:
 
     pool, running = _long_requests(served, 4, seed=700)
     time.sleep(0.5)
-    served.client.deploy_apps(_config(args, lm=2, vision=2))
+    launch.deploy(deploy_config(args, {"LMService": 2, "VisionService": 2}, port=served.port))
     lm_now = _replicas(served, "lm", 2)
     assert lm_before <= set(lm_now), "the first LM replica was replaced"
     assert set(_replicas(served, "vision", 2)) == set(vision_now), "a vision replica was restarted"
@@ -102,9 +104,3 @@ def test_scale_vision_then_lm_without_touching_the_other_pool(app) -> None:
     assert sum(s["engine"]["kv_blocks_used"] for s in stats["lm"].values()) == 0
     assert requests.get(f"{served.base_url}/health", timeout=30).status_code == 200
 
-
-def _config(args: dict, lm: int, vision: int):
-    from ray.serve.schema import ServeDeploySchema
-
-    config = with_overrides(load_yaml("local.yaml"), args, {"LMService": lm, "VisionService": vision})
-    return ServeDeploySchema.model_validate(config)

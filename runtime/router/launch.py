@@ -1,0 +1,87 @@
+"""Start the app on a local Ray cluster without knowing Ray: `python -m runtime serve`.
+
+It applies a deploy YAML (default: the repository's deploy/local.yaml) through the same code path
+as `serve deploy`, so what runs is exactly what the YAML describes; --model and --port override it.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
+
+
+def load_config(path: str | Path = DEFAULT_CONFIG, model: str | None = None, port: int | None = None,
+                host: str | None = None, args: dict[str, Any] | None = None,
+                replicas: dict[str, int] | None = None) -> dict[str, Any]:
+    """The deploy config from a YAML file, with the given overrides applied (to its first app)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no deploy config at {path}; pass --config")
+    args = {**(args or {}), **({"model": model} if model else {})}
+    return with_overrides(yaml.safe_load(path.read_text()), args, replicas, port, host)
+
+
+def with_overrides(config: dict[str, Any], args: dict[str, Any] | None = None, replicas: dict[str, int] | None = None,
+                   port: int | None = None, host: str | None = None) -> dict[str, Any]:
+    """A copy with app args merged in (one level deep), some replica counts and the HTTP address changed."""
+    config = copy.deepcopy(config)
+    app = config["applications"][0]
+    app_args = app.setdefault("args", {})
+    for key, value in (args or {}).items():
+        if isinstance(value, dict):
+            app_args.setdefault(key, {}).update(value)
+        else:
+            app_args[key] = value
+    for deployment in app.get("deployments", []):
+        if deployment["name"] in (replicas or {}):
+            deployment["num_replicas"] = (replicas or {})[deployment["name"]]
+    http = config.setdefault("http_options", {})
+    if port is not None:
+        http["port"] = port
+    if host is not None:
+        http["host"] = host
+    return config
+
+
+def deploy(config: dict[str, Any]) -> Any:
+    """Apply the config to the running local Ray cluster (Serve started with its HTTP options)."""
+    from ray.serve._private import api as serve_api
+    from ray.serve.schema import ServeDeploySchema
+
+    schema = ServeDeploySchema.model_validate(config)
+    client = serve_api.serve_start(http_options=schema.http_options.model_dump())
+    client.deploy_apps(schema, _blocking=False)
+    return client
+
+
+def base_url(config: dict[str, Any]) -> str:
+    http = config.get("http_options", {})
+    prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
+    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}"
+
+
+def wait_ready(url: str, timeout_s: float = 300) -> None:
+    """Until /health answers 200 (both pools up), or the deploy failed (raises with Serve's message)."""
+    import requests
+    from ray import serve
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        apps = serve.status().applications
+        failed = [a.message for a in apps.values() if a.status == "DEPLOY_FAILED"]
+        if failed:
+            raise RuntimeError(f"deploy failed: {failed[0]}")
+        if apps and all(a.status == "RUNNING" for a in apps.values()):
+            try:
+                if requests.get(f"{url}/health", timeout=10).status_code == 200:
+                    return
+            except requests.RequestException:
+                pass
+        time.sleep(0.5)
+    raise TimeoutError(f"the app at {url} was not ready after {timeout_s} s")

@@ -1,0 +1,55 @@
+"""OpenAI wire-format pieces: the reasoning split (also across stream deltas), usage, errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from runtime.protocol import RequestOutput
+from runtime.router.openai_api import ReasoningSplitter, engine_error, starts_in_reasoning, usage
+
+
+def _split_in_pieces(text: str, reasoning: bool, seed: int) -> tuple[str, str]:
+    rng, splitter, parts = random.Random(seed), ReasoningSplitter(reasoning), []
+    i = 0
+    while i < len(text):
+        n = rng.randint(1, 4)
+        parts.append(splitter.push(text[i:i + n]))
+        i += n
+    parts.append(splitter.finish())
+    return "".join(p[0] for p in parts), "".join(p[1] for p in parts)
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_reasoning_split_does_not_depend_on_how_the_text_arrives(seed) -> None:
+    text = "let me think </thi about it</think>The answer is <b>42</b>. </think"
+    assert _split_in_pieces(text, True, seed) == ("let me think </thi about it", "The answer is <b>42</b>. </think")
+    assert ReasoningSplitter(True).push(text)[0] == "let me think </thi about it"
+
+
+def test_reasoning_starts_only_after_an_open_think_in_content_mode() -> None:
+    assert _split_in_pieces("plain <think>hidden</think> shown", False, 0) == ("hidden", "plain  shown")
+    assert _split_in_pieces("never closed", True, 1) == ("never closed", "")
+
+
+class FakeTokenizer:
+    def get_vocab(self):
+        return {"<think>": 7, "</think>": 8}
+
+
+def test_starts_in_reasoning_reads_the_last_think_tag_of_the_prompt() -> None:
+    assert starts_in_reasoning([1, 2, 7], FakeTokenizer())
+    assert not starts_in_reasoning([1, 7, 8], FakeTokenizer())
+    assert not starts_in_reasoning([1, 2, 3], FakeTokenizer())
+
+
+def test_usage_and_engine_errors() -> None:
+    out = RequestOutput("r", [], "", True, "error", "image 0: truncated", prompt_tokens=10,
+                        completion_tokens=3, cached_tokens=4, error_type="invalid_request")
+    assert usage(out) == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+                          "prompt_tokens_details": {"cached_tokens": 4}}
+    error = engine_error(out)
+    assert (error.status, error.type) == (400, "invalid_request_error") and error.body()["error"]["message"]
+    timeout = engine_error(RequestOutput("r", [], "", True, "error", "slow", error_type="timeout"))
+    assert timeout.status == 504

@@ -1,0 +1,48 @@
+"""The app config: defaults, what each service gets, and clear errors for bad YAML args."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from runtime.config import AppConfig
+from runtime.lm_service.engine import EngineConfig
+from runtime.vision_service.encoder import VisionConfig
+
+
+def test_defaults_build_valid_service_configs() -> None:
+    config = AppConfig()
+    assert config.name == "tiny"
+    assert EngineConfig(**config.engine_config()).kv_cache_bytes == 256 * 2**20
+    assert VisionConfig(**config.vision_config()).cache_bytes == 256 * 2**20
+    assert "placement_group_bundles" not in config.lm_options()
+
+
+def test_ep_size_reserves_one_packed_bundle_per_rank() -> None:
+    config = AppConfig.model_validate({"engine": {"ep_size": 3, "cpus_per_rank": 0.5}})
+    options = config.lm_options()
+    assert options["placement_group_bundles"] == [{"CPU": 0.5}] * 3
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    assert options["ray_actor_options"]["num_cpus"] == 0.5
+
+
+@pytest.mark.parametrize("args,where", [
+    ({"model": "/no/such/dir"}, "model"),
+    ({"dtype": "float8"}, "dtype"),
+    ({"engine": {"ep_size": 0}}, "ep_size"),
+    ({"engine": {"kv_cache_gb": 1}}, "kv_cache_gb"),
+    ({"vision": {"lease_s": -1}}, "lease_s"),
+    ({"unknown": 1}, "unknown"),
+])
+def test_bad_args_name_the_field(args, where) -> None:
+    with pytest.raises(ValidationError) as e:
+        AppConfig.model_validate(args)
+    assert where in str(e.value)
+
+
+def test_tiny_is_built_into_the_cache_dir_once(tmp_path) -> None:
+    config = AppConfig(cache_dir=str(tmp_path))
+    path = config.resolve_model_dir()
+    assert (path / "config.json").is_file() and path == (tmp_path / "tiny").resolve()
+    stamp = (path / "config.json").stat().st_mtime_ns
+    assert config.resolve_model_dir() == path and (path / "config.json").stat().st_mtime_ns == stamp
