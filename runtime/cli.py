@@ -9,6 +9,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -172,7 +173,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _ask_once(url: str) -> int:
     import requests
 
-    body = {"messages": [{"role": "user", "content": [
+    body: dict[str, Any] = {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": sample_image_data_url()}},
         {"type": "text", "text": "Describe the image in one sentence."}]}],
         "max_tokens": 24, "temperature": 0}

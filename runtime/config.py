@@ -143,4 +143,4 @@ class AppConfig(_Section):
     def request_limits(self) -> RequestLimits:
         lim = self.limits
         return RequestLimits(max_images=lim.max_images, max_image_bytes=int(lim.max_image_mb * MiB),
-                             max_stop_strings=lim.max_stop_strings)
+                             max_stop_strings=lim.max_stop_strings, allow_http_images=self.image_urls.allow_http)

@@ -25,6 +25,7 @@ class RequestLimits:
     max_images: int = 16
     max_image_bytes: int = 20 * 1024 * 1024
     max_stop_strings: int = 16
+    allow_http_images: bool = False  # http(s) image URLs are fetched by the router (runtime.router.fetch)
 
 
 @dataclass(frozen=True)
@@ -38,6 +39,8 @@ class ChatRequest:
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
     tools: list[dict[str, Any]] | None = None
+    # (image index, field, url) of http(s) images still to fetch; their `images` entry is b"" until then.
+    image_urls: tuple[tuple[int, str, str], ...] = ()
 
 
 def parse_chat_request(
@@ -46,7 +49,8 @@ def parse_chat_request(
     """`defaults` are the checkpoint's generation_config sampling values (used where the body is silent)."""
     if not isinstance(body, dict):
         raise RequestError("request body must be a JSON object")
-    messages, images = _parse_messages(body.get("messages"), limits)
+    urls: list[tuple[int, str, str]] = []
+    messages, images = _parse_messages(body.get("messages"), limits, urls)
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError("chat_template_kwargs must be an object", "chat_template_kwargs")
@@ -60,13 +64,15 @@ def parse_chat_request(
         chat_template_kwargs=dict(kwargs),
         model=body.get("model"),
         tools=tools,
+        image_urls=tuple(urls),
     )
 
 
 # --- messages ----------------------------------------------------------------------------------
 
 
-def _parse_messages(raw: Any, limits: RequestLimits) -> tuple[list[dict[str, Any]], list[bytes]]:
+def _parse_messages(raw: Any, limits: RequestLimits,
+                    urls: list[tuple[int, str, str]]) -> tuple[list[dict[str, Any]], list[bytes]]:
     if not isinstance(raw, list) or not raw:
         raise RequestError("messages must be a non-empty list", "messages")
     messages: list[dict[str, Any]] = []
@@ -80,14 +86,16 @@ def _parse_messages(raw: Any, limits: RequestLimits) -> tuple[list[dict[str, Any
         content = msg.get("content")
         out = dict(msg)
         if isinstance(content, list):
-            out["content"] = [_parse_part(p, f"{where}.content[{j}]", images, limits) for j, p in enumerate(content)]
+            out["content"] = [_parse_part(p, f"{where}.content[{j}]", images, limits, urls)
+                              for j, p in enumerate(content)]
         elif content is not None and not isinstance(content, str):
             raise RequestError(f"{where}.content must be a string or a list of parts", f"{where}.content")
         messages.append(out)
     return messages, images
 
 
-def _parse_part(part: Any, where: str, images: list[bytes], limits: RequestLimits) -> dict[str, Any]:
+def _parse_part(part: Any, where: str, images: list[bytes], limits: RequestLimits,
+                urls: list[tuple[int, str, str]]) -> dict[str, Any]:
     if not isinstance(part, dict):
         raise RequestError(f"{where} must be an object", where)
     kind = part.get("type")
@@ -102,7 +110,12 @@ def _parse_part(part: Any, where: str, images: list[bytes], limits: RequestLimit
             raise RequestError(f"{where}.image_url.url must be a string", f"{where}.image_url")
         if len(images) >= limits.max_images:
             raise RequestError(f"too many images: at most {limits.max_images} per request", where)
-        images.append(decode_data_url(url, f"{where}.image_url.url", limits.max_image_bytes))
+        field = f"{where}.image_url.url"
+        if limits.allow_http_images and url.startswith(("http://", "https://")):
+            urls.append((len(images), field, url))
+            images.append(b"")  # fetched by the router before the prompt is built
+        else:
+            images.append(decode_data_url(url, field, limits.max_image_bytes))
         return {"type": "image_url", "image_url": {"url": f"<image {len(images) - 1}>"}}
     raise RequestError(f"{where}.type {kind!r} is not supported (use 'text' or 'image_url')", f"{where}.type")
 

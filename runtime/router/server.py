@@ -10,6 +10,7 @@ request's KV blocks and releases its vision references.
 # of the methods Serve wraps.
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -25,6 +26,7 @@ from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
 from runtime.requests import parse_chat_request, parse_sampling
 from runtime.router import openai_api as api
+from runtime.router.fetch import ImageFetcher
 from runtime.router.metrics import RequestTimer, RouterMetrics, prometheus_text
 from runtime.router.prepare import RequestPreparer
 from runtime.stats_board import board
@@ -56,6 +58,8 @@ class Router:
         self.lm, self.vision = lm, vision
         self.prep = RequestPreparer(model_dir, self.config.dtype, self._image_limits())
         self.limits = self.config.request_limits()
+        urls = self.config.image_urls
+        self.fetcher = ImageFetcher(urls.fetch_timeout_s, self.limits.max_image_bytes, urls.allow_private_addresses)
         self.telemetry = RouterMetrics()
         self.board = board(serve.get_replica_context().app_name)
         self._in_flight = 0
@@ -166,6 +170,9 @@ class Router:
 
     async def _prepare_chat(self, body: dict[str, Any]) -> tuple[GenerateRequest, dict[str, Any]]:
         chat = parse_chat_request(body, self.prep.defaults.sampling, self.limits)
+        if chat.image_urls:
+            chat = dataclasses.replace(chat, images=await self.fetcher.fill(chat.images, chat.image_urls),
+                                       image_urls=())
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = await asyncio.to_thread(self.prep.prepare, rid, chat)  # hashing and tokenizing: off the loop
         options = self._options(body, chat.sampling)

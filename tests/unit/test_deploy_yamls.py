@@ -1,0 +1,30 @@
+"""The shipped deploy YAMLs are valid Serve configs whose args our app accepts."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from ray.serve.schema import ServeDeploySchema
+
+from runtime.config import AppConfig
+from runtime.router.launch import DEFAULT_CONFIG
+
+DEPLOYMENTS = {"Router", "LMService", "VisionService"}
+
+
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml"])
+def test_yaml_is_a_valid_deploy_config(name) -> None:
+    raw = yaml.safe_load((DEFAULT_CONFIG.parent / name).read_text())
+    schema = ServeDeploySchema.model_validate(raw)
+    app = schema.applications[0]
+    assert app.import_path == "runtime.router.app:build_app"
+    assert {d.name for d in app.deployments} == DEPLOYMENTS
+    args = dict(app.args)
+    args["model"] = "tiny"  # the cluster example names a path that exists only on a cluster
+    AppConfig.model_validate(args)
+
+
+def test_cluster_example_autoscales_both_pools() -> None:
+    raw = yaml.safe_load((DEFAULT_CONFIG.parent / "cluster.yaml").read_text())
+    deployments = {d["name"]: d for d in raw["applications"][0]["deployments"]}
+    assert all("autoscaling_config" in deployments[n] for n in ("LMService", "VisionService"))
