@@ -1,9 +1,13 @@
 """Two LM replicas with two expert-parallel ranks each (Ray actors in each replica's placement
 group) and one vision replica, over HTTP: a concurrent workload succeeds on both replicas, requests
-that repeat an image go to the replica that already has it, and afterwards nothing is held."""
+that repeat an image go to the replica that already has it, afterwards nothing is held, and a
+replica killed mid-stream fails only its own requests."""
 
 from __future__ import annotations
 
+import json
+import os
+import signal
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,7 +24,8 @@ from tests.reference import reference_greedy, reference_model
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp("pools-cache")
-    args = {"cache_dir": str(cache_dir), "engine": {"ep_size": 2, "cpus_per_rank": 0.25}, "vision": {"cpus": 0.25}}
+    args = {"cache_dir": str(cache_dir), "engine": {"ep_size": 2, "cpus_per_rank": 0.25},
+            "vision": {"cpus": 0.25, "lease_s": 5.0}}
     port = free_port()
     served = ServeApp(port)
     try:
@@ -78,3 +83,47 @@ def test_repeated_images_go_to_the_replica_that_has_them(app) -> None:
     stats = served.wait_drained()
     assert sum(s["cache"]["live_references"] for s in stats["vision"].values()) == 0
     assert sum(s["engine"]["kv_blocks_used"] for s in stats["lm"].values()) == 0
+
+
+def _stream_until_end(served, payload) -> tuple[int, str | None, bool]:
+    """(status, finish_reason, whether an error event came) of one streamed request."""
+    response = post(served, "/v1/chat/completions", {**payload, "stream": True}, stream=True)
+    reason, errored = None, False
+    for line in response.iter_lines():
+        if not line.startswith(b"data: {"):
+            continue
+        event = json.loads(line[len(b"data: "):])
+        if "error" in event:
+            errored = True
+        elif event.get("choices") and event["choices"][0].get("finish_reason"):
+            reason = event["choices"][0]["finish_reason"]
+    return response.status_code, reason, errored
+
+
+def test_killing_an_lm_replica_mid_stream_fails_only_its_requests(app) -> None:
+    """Its streams end with an error event, the other replica's finish, Serve replaces it, new
+    requests succeed, and the vision references it held expire by lease."""
+    served, _ = app
+    stats = served.stats()["lm"]
+    victim, survivor = sorted(stats)
+    jobs = [body(f"long {i}", [png(70, 70 + 14 * i, seed=2000 + i)], max_tokens=3000) for i in range(6)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(_stream_until_end, served, job) for job in jobs]
+        deadline = time.monotonic() + 60
+        while served.stats()["lm"][victim]["engine"]["running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert served.stats()["lm"][victim]["engine"]["running"] > 0, "no request reached the victim"
+        os.kill(stats[victim]["pid"], signal.SIGKILL)
+        results = [f.result(timeout=300) for f in futures]
+    failed = [r for r in results if r[2]]
+    assert failed and all(r[0] == 200 for r in results)
+    assert all(r[1] == "length" for r in results if not r[2])
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (len(served.stats()["lm"]) != 2 or victim in served.stats()["lm"]):
+        time.sleep(0.5)
+    assert victim not in served.stats()["lm"] and len(served.stats()["lm"]) == 2, "Serve did not replace it"
+    assert survivor in served.stats()["lm"]
+    assert [post(served, "/v1/chat/completions", body(f"after {i}", [])).status_code for i in range(4)] == [200] * 4
+    drained = served.wait_drained(timeout_s=30)  # the victim's references expire by the 5 s lease
+    assert sum(s["cache"]["live_references"] for s in drained["vision"].values()) == 0
