@@ -182,14 +182,14 @@ class Router:
     async def _prepare_completion(self, body: dict[str, Any]) -> tuple[GenerateRequest, dict[str, Any]]:
         if body.get("echo"):
             raise RequestError("echo is not supported", "echo")
-        sampling = parse_sampling(body, self.prep.defaults.sampling, self.limits)
-        if body.get("logprobs") not in (None, False):  # the completions API's logprobs is a count
-            count = body["logprobs"] if body["logprobs"] is not True else 0
-            if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 20:
-                raise RequestError("logprobs must be an integer in [0, 20]", "logprobs")
-            import msgspec
-
-            sampling = msgspec.structs.replace(sampling, logprobs=True, top_logprobs=count)
+        # The completions API's logprobs is a count of alternatives, not the chat API's boolean.
+        count = body.get("logprobs")
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 20):
+            raise RequestError("logprobs must be an integer in [0, 20]", "logprobs")
+        chat_style = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
+        if count is not None:
+            chat_style |= {"logprobs": True, "top_logprobs": count}
+        sampling = parse_sampling(chat_style, self.prep.defaults.sampling, self.limits)
         ids = self._completion_prompt(body.get("prompt"))
         limit = self.prep.model_config.text.max_position_embeddings
         if len(ids) >= limit:

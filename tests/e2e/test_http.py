@@ -168,3 +168,30 @@ def test_models_health_metrics(app) -> None:
         assert name in metrics
     stats = served.stats()
     assert len(stats["lm"]) == 1 and len(stats["vision"]) == 1
+
+
+def test_logprobs_stop_and_completions_with_token_ids(app) -> None:
+    served, model_dir = app
+    answer = post(served, "/v1/chat/completions", body("hi", [], logprobs=True, top_logprobs=3,
+                                                       return_token_ids=True)).json()
+    content = answer["choices"][0]["logprobs"]["content"]
+    assert len(content) == 8 and all(len(c["top_logprobs"]) == 3 for c in content)
+    assert all(c["logprob"] <= 0 and c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6 for c in content)
+
+    prep = RequestPreparer(model_dir, "float32")
+    ids = prep.tokenizer("the quick brown fox")["input_ids"]
+    by_ids = post(served, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                                              "logprobs": 2, "return_token_ids": True}).json()
+    by_text = post(served, "/v1/completions", {"prompt": "the quick brown fox", "max_tokens": 6, "temperature": 0,
+                                               "ignore_eos": True}).json()
+    choice = by_ids["choices"][0]
+    assert by_ids["prompt_token_ids"] == ids and len(choice["token_ids"]) == 6
+    assert choice["text"] == by_text["choices"][0]["text"]
+    assert len(choice["logprobs"]["tokens"]) == 6 and all(len(t) == 2 for t in choice["logprobs"]["top_logprobs"])
+
+    text = choice["text"]
+    if len(text) > 2:  # stop at a piece of the greedy answer: the answer ends before it
+        stop = text[1:3]
+        stopped = post(served, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0,
+                                                   "ignore_eos": True, "stop": [stop]}).json()["choices"][0]
+        assert stopped["finish_reason"] == "stop" and stopped["text"] == text[:text.index(stop)]
