@@ -10,6 +10,7 @@ import requests
 
 from tests.e2e.serve_app import ServeApp, deploy_config, free_port
 from tests.e2e.test_http import body
+from tests.integration.workload import png
 
 KEY = "sk-test-123"
 
@@ -17,7 +18,7 @@ KEY = "sk-test-123"
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
     args = {"cache_dir": str(tmp_path_factory.mktemp("limits-cache")), "api_key": KEY,
-            "limits": {"max_queued_requests": 2, "request_timeout_s": 2.0}}
+            "limits": {"max_queued_requests": 2, "request_timeout_s": 2.0, "max_image_mb": 0.05, "max_body_mb": 1.0}}
     port = free_port()
     served = ServeApp(port)
     try:
@@ -38,6 +39,14 @@ def test_api_key_is_required(app) -> None:
         assert response.status_code == 401 and response.json()["error"]["type"] == "authentication_error"
     assert requests.get(f"{app.base_url}/v1/models", timeout=30).status_code == 401
     assert _post(app, body("hi", [])).status_code == 200
+
+
+def test_oversized_image_and_body_are_refused(app) -> None:
+    big_image = _post(app, body("look", [png(300, 300, seed=1)]))  # ~270 KB of PNG, over 50 KB
+    assert big_image.status_code == 400 and "larger than" in big_image.json()["error"]["message"]
+    huge_body = _post(app, body("x" * (2 << 20), []))
+    assert huge_body.status_code == 413 and huge_body.json()["error"]["type"] == "invalid_request_error"
+    assert _post(app, body("small", [png(28, 28, seed=2)])).status_code == 200
 
 
 def test_queue_limit_answers_429_and_timeout_answers_504(app) -> None:
