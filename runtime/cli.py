@@ -1,4 +1,4 @@
-"""`python -m runtime <command>`: make-checkpoint, generate, demo, serve."""
+"""`python -m runtime <command>`: make-checkpoint, generate, demo, serve, bench serve."""
 
 from __future__ import annotations
 
@@ -54,9 +54,15 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--once", action="store_true",
                      help="send one request with an image over HTTP, print the answer and stop")
 
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
+    from runtime.benchmark.serve_bench import add_arguments
+
+    add_arguments(bench.add_parser("serve", help="load-test an OpenAI-compatible server (TTFT, TPOT, ITL, goodput)"))
+
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    commands = {"make-checkpoint": _make_checkpoint, "generate": _generate, "demo": _demo, "serve": _serve}
+    commands = {"make-checkpoint": _make_checkpoint, "generate": _generate, "demo": _demo, "serve": _serve,
+                "bench": _bench}
     try:
         return commands[args.command](args)
     except RuntimeServingError as e:
@@ -168,6 +174,12 @@ def _serve(args: argparse.Namespace) -> int:
 
         serve.shutdown()
         ray.shutdown()
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from runtime.benchmark.serve_bench import main as bench_serve
+
+    return bench_serve(args)
 
 
 def _ask_once(url: str) -> int:

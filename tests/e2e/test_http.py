@@ -195,3 +195,14 @@ def test_logprobs_stop_and_completions_with_token_ids(app) -> None:
         stopped = post(served, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0,
                                                    "ignore_eos": True, "stop": [stop]}).json()["choices"][0]
         assert stopped["finish_reason"] == "stop" and stopped["text"] == text[:text.index(stop)]
+
+
+def test_bench_serve_against_the_app(app, tmp_path) -> None:
+    from runtime.benchmark.serve_bench import run_benchmark
+    from runtime.benchmark.workload import WorkloadSpec
+
+    served, _ = app
+    spec = WorkloadSpec(num_requests=8, input_len=20, output_len=6, image_width=56, image_height=56, image_reuse=0.5)
+    summary, results = run_benchmark(served.base_url, spec, concurrency=4)
+    assert summary["completed"] == 8 and summary["output_tokens"] == 48
+    assert all(r.ttft_s > 0 and r.e2e_s >= r.ttft_s and len(r.itl_s) >= 1 for r in results)
