@@ -41,7 +41,7 @@ class EngineArgs(_Section):
 
 
 class VisionArgs(_Section):
-    cache_mb: int = Field(256, ge=1, description="embedding cache per vision replica")
+    cache_mb: float = Field(256, gt=0, description="embedding cache per vision replica")
     lease_s: float = Field(600.0, gt=0, description="a reference whose release never comes expires after this")
     max_batch: int = Field(16, ge=1)
     max_wait_s: float = Field(0.005, ge=0)
@@ -132,7 +132,7 @@ class AppConfig(_Section):
 
     def vision_config(self) -> dict[str, Any]:
         v = self.vision
-        config = VisionConfig(dtype=self.dtype, device=self.device, cache_bytes=v.cache_mb * MiB,
+        config = VisionConfig(dtype=self.dtype, device=self.device, cache_bytes=int(v.cache_mb * MiB),
                               lease_s=v.lease_s, max_batch=v.max_batch, max_wait_s=v.max_wait_s,
                               max_pixels=v.max_pixels)
         return config.__dict__.copy()

@@ -7,6 +7,7 @@ the board. A report older than `max_age_s` means the replica is gone and is not 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -45,6 +46,15 @@ def board(app_name: str) -> Any:
     replica; `serve shutdown` leaves it, and it holds only a few KB."""
     return _StatsBoardActor.options(name=f"kimi-stats:{app_name}", namespace="kimi-runtime", get_if_exists=True,
                               lifetime="detached").remote()
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 class Reporter:

@@ -25,7 +25,7 @@ from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
 from runtime.protocol import EmbeddingHeader, EncodeError, GenerateRequest, RequestOutput
-from runtime.stats_board import Reporter
+from runtime.stats_board import Reporter, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
 from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import load_processor_config
@@ -122,6 +122,7 @@ class LMService:
             "engine": asdict(self.engine.stats()),
             "vision_client": asdict(self.vision.stats()),
             "malformed_messages": self.inbox.malformed,
+            "rss_bytes": rss_bytes(),
         }
 
     async def check_health(self) -> None:

@@ -93,6 +93,7 @@ class EngineStats:
     dropped_embeddings: int
     ep_size: int
     ep_expert_bytes: list[int] = field(default_factory=list)
+    ep_rank_pids: list[int] = field(default_factory=list)
 
 
 def placeholder_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -320,6 +321,7 @@ class Engine:
             dropped_embeddings=self._counters["dropped_embeddings"],
             ep_size=self.config.ep_size,
             ep_expert_bytes=self.expert_group.expert_bytes() if self.expert_group is not None else [],
+            ep_rank_pids=list(self.expert_group.rank_pids) if self.expert_group is not None else [],
         )
 
     def close(self) -> None:

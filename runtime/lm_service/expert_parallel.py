@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import multiprocessing as mp
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -119,6 +120,7 @@ class ExpertGroup:
         self.comm, self.workers = comm, workers
         local = attach(lm, self)
         self.rank_expert_bytes = comm.allgather_ints(_bytes(local), len(workers) + 1)
+        self.rank_pids = comm.allgather_ints(os.getpid(), len(workers) + 1)  # for operators (and fault tests)
         self.closed = False
 
     @classmethod
@@ -184,6 +186,7 @@ def run_worker_rank(spec: RankSpec) -> None:
     owned = expert_range(cfg.text.n_routed_experts, spec.size, spec.rank)
     layers = list(load_routed_experts(spec.model_dir, cfg, owned, DTYPES[spec.dtype], device).values())
     comm.allgather_ints(_bytes(layers), spec.size)
+    comm.allgather_ints(os.getpid(), spec.size)
     _serve(comm, layers, cfg.text.hidden_size, cfg.text.num_experts_per_tok, DTYPES[spec.dtype], device)
 
 

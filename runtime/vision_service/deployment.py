@@ -10,13 +10,14 @@ replica's event loop, where the cache lives.
 from __future__ import annotations
 
 import asyncio
+import os
 from dataclasses import asdict
 from typing import Any
 
 from ray import serve
 
 from runtime.protocol import EncodeAccepted, EncodeRequest
-from runtime.stats_board import Reporter
+from runtime.stats_board import Reporter, rss_bytes
 from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
 from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
 
@@ -62,8 +63,8 @@ class VisionService:
         they are reclaimed even when nobody asks for stats."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self.encoder.cache.reclaim_expired)
-        return {"address": self.releases.address, "cache": asdict(self.encoder.cache.stats()),
-                "batch_sizes": list(self.encoder._batcher.batch_sizes[-100:])}
+        return {"address": self.releases.address, "pid": os.getpid(), "cache": asdict(self.encoder.cache.stats()),
+                "batch_sizes": list(self.encoder._batcher.batch_sizes[-100:]), "rss_bytes": rss_bytes()}
 
     def __del__(self) -> None:
         self.reporter.close()
