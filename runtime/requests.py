@@ -155,7 +155,7 @@ def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
         top_p=_float(get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True),
         top_k=_int(get("top_k", 0), "top_k", low=-1),
         min_p=_float(get("min_p", 0.0), "min_p", 0.0, 1.0),
-        seed=None if body.get("seed") is None else _int(body["seed"], "seed"),
+        seed=None if body.get("seed") is None else _int(body["seed"], "seed", low=-(2**63), high=2**64 - 1),
         stop=_stop_strings(body.get("stop"), limits),
         stop_token_ids=tuple(
             _int(t, "stop_token_ids", low=0) for t in _list(body.get("stop_token_ids"), "stop_token_ids")
