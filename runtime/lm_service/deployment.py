@@ -107,7 +107,7 @@ class LMService:
     def record_routing_stats(self) -> dict[str, Any]:
         """Polled by Serve for the request router (runtime.router.request_router)."""
         stats = self.engine.stats()
-        return {"running": stats.running, "waiting": stats.waiting,
+        return {"running": stats.running, "waiting": stats.waiting, "healthy": self.engine.error is None,
                 "kv_usage": stats.kv_blocks_used / max(stats.kv_blocks_total, 1)}
 
     async def ping(self) -> str:
@@ -120,6 +120,7 @@ class LMService:
             "pid": os.getpid(),
             "address": self.inbox.address,
             "engine": asdict(self.engine.stats()),
+            "healthy": self.engine.error is None,
             "vision_client": asdict(self.vision.stats()),
             "malformed_messages": self.inbox.malformed,
             "rss_bytes": rss_bytes(),

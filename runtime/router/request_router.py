@@ -67,7 +67,10 @@ class AffinityRouter(FIFOMixin, RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        # A replica whose engine stopped says so in its stats until Serve's health check replaces
+        # it; send nothing there while another replica can take the request.
+        healthy = [r for r in candidate_replicas if (r.routing_stats or {}).get("healthy", True)]
+        by_id = {r.replica_id.unique_id: r for r in healthy or candidate_replicas}
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
         ranked = rank(affinity_key(request), {rid: self._load(r) for rid, r in by_id.items()}, self.slack)
         return [[by_id[rid] for rid in group] for group in ranked if group]

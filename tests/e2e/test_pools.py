@@ -127,3 +127,54 @@ def test_killing_an_lm_replica_mid_stream_fails_only_its_requests(app) -> None:
     assert [post(served, "/v1/chat/completions", body(f"after {i}", [])).status_code for i in range(4)] == [200] * 4
     drained = served.wait_drained(timeout_s=30)  # the victim's references expire by the 5 s lease
     assert sum(s["cache"]["live_references"] for s in drained["vision"].values()) == 0
+
+
+def _wait_for(predicate, timeout_s: float = 120, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"timed out waiting for {what}")
+
+
+def test_an_ep_rank_dying_takes_its_replica_out_without_a_hang(app) -> None:
+    """Requests that hit the broken replica end with an error (no hang), Serve replaces it, and
+    requests after that all succeed."""
+    served, _ = app
+    _wait_for(lambda: len(served.stats()["lm"]) == 2, what="two LM replicas")
+    lm = served.stats()["lm"]
+    victim = sorted(lm)[0]
+    os.kill(lm[victim]["engine"]["ep_rank_pids"][1], signal.SIGKILL)
+    with ThreadPoolExecutor(6) as pool:
+        statuses = list(pool.map(lambda i: post(served, "/v1/chat/completions", body(
+            f"after rank death {i}", [png(84, 56 + 14 * i, seed=4000 + i)], max_tokens=16)).status_code, range(6)))
+    assert all(s in (200, 500) for s in statuses), statuses  # answered, none hung
+    _wait_for(lambda: victim not in served.stats()["lm"] and len(served.stats()["lm"]) == 2, 180,
+              "Serve to replace the replica whose rank died")
+    assert all(s["healthy"] for s in served.stats()["lm"].values())
+    assert [post(served, "/v1/chat/completions", body(f"healed {i}", [], max_tokens=4)).status_code
+            for i in range(6)] == [200] * 6
+
+
+def test_killing_the_vision_replica_while_it_holds_references(app) -> None:
+    """Requests already generating finish; Serve replaces the vision replica; new image requests
+    work; the LM replicas free everything."""
+    served, _ = app
+    _wait_for(lambda: len(served.stats()["lm"]) == 2, what="two LM replicas")
+    vision = served.stats()["vision"]
+    (old, stats), = vision.items()
+    jobs = [body(f"hold {i}", [png(70, 84, seed=5000 + i)], max_tokens=600) for i in range(4)]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = [pool.submit(_stream_until_end, served, job) for job in jobs]
+        _wait_for(lambda: served.stats()["vision"][old]["cache"]["live_references"] > 0, 60, "references held")
+        os.kill(stats["pid"], signal.SIGKILL)
+        results = [f.result(timeout=300) for f in futures]
+    assert all(status == 200 for status, _, _ in results)
+    assert all(reason == "length" or errored for _, reason, errored in results)
+    _wait_for(lambda: old not in served.stats()["vision"] and len(served.stats()["vision"]) == 1, 180,
+              "Serve to replace the vision replica")
+    assert post(served, "/v1/chat/completions", body("new image", [png(98, 98, seed=5100)])).status_code == 200
+    drained = served.wait_drained(timeout_s=30)
+    assert sum(s["engine"]["kv_blocks_used"] + s["vision_client"]["requests"] for s in drained["lm"].values()) == 0
+    assert sum(s["cache"]["live_references"] for s in drained["vision"].values()) == 0
