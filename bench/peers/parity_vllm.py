@@ -59,8 +59,9 @@ def run_runtime(model: str, reqs: list[dict]) -> list[dict]:
 def _chosen_logprobs(lp) -> list[float] | None:
     if not lp:
         return None
-    content = lp.get("content") if isinstance(lp, dict) else None
-    if content is None:
+    # ours: [{"token_id", "logprob", "top"}, ...]; vLLM (OpenAI): {"content": [{"token", "logprob", ...}]}
+    content = lp.get("content") if isinstance(lp, dict) else lp
+    if not content:
         return None
     return [float(c["logprob"]) for c in content]
 
@@ -88,14 +89,14 @@ def main() -> int:
         vllm_cpu.stop(proc)
 
     rows, text_ok = [], True
-    for i, (b, o, t) in enumerate(zip(reqs, ours, theirs)):
+    for i, (b, o, t) in enumerate(zip(reqs, ours, theirs, strict=True)):
         has_image = not isinstance(b["messages"][-1]["content"], str)
         ch = t["choices"][0]
         ids_o, ids_t = o.get("token_ids"), ch.get("token_ids")
         same = ids_o == ids_t
-        first_diff = next((k for k, (a, c) in enumerate(zip(ids_o or [], ids_t or [])) if a != c), None)
+        first_diff = next((k for k, (a, c) in enumerate(zip(ids_o or [], ids_t or [], strict=False)) if a != c), None)
         lo, lt = _chosen_logprobs(o.get("logprobs")), _chosen_logprobs(ch.get("logprobs"))
-        max_lp = (max(abs(a - c) for a, c in zip(lo, lt)) if lo and lt and same else None)
+        max_lp = (max(abs(a - c) for a, c in zip(lo, lt, strict=False)) if lo and lt and same else None)
         rows.append({
             "request": i, "image": has_image,
             "prompt_tokens": [o.get("usage", {}).get("prompt_tokens"), t["usage"]["prompt_tokens"]],

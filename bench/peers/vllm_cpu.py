@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import hashlib
-import io
 import json
 import os
 import signal
@@ -52,7 +52,6 @@ FLAGS: list[str] = [
     "--enforce-eager",
     "--max-model-len", "4096",
     "--max-num-seqs", "64",
-    "--trust-remote-code",
     # This CPU has AMX, where vLLM picks AMX_MLA, which only takes bf16/fp16/int8 weights.
     # CPU_MLA runs float32 (its decode kernel needs kv_lora_rank + qk_rope_head_dim == 576).
     "--attention-backend", "CPU_MLA",
@@ -288,10 +287,8 @@ def stop(proc: subprocess.Popen, timeout_s: float = 30.0) -> None:
     except ProcessLookupError:
         pass
     # children that outlived the leader
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def version() -> dict[str, Any]:
@@ -387,8 +384,10 @@ def main(argv: list[str] | None = None) -> int:
             return proc.returncode or 0
         body = check_body(proc.model_name)
         status, resp = chat(args.port, body)
-        print(json.dumps({"status": status, "response": resp}, indent=2))
-        ok = status == 200 and resp.get("usage", {}).get("completion_tokens") == 8
+        cfg = json.loads((Path(proc.prepared_dir) / "config.json").read_text())
+        image_tokens = (resp.get("prompt_token_ids") or []).count(cfg.get("image_token_id"))
+        print(json.dumps({"status": status, "image_tokens_in_prompt": image_tokens, "response": resp}, indent=2))
+        ok = status == 200 and resp.get("usage", {}).get("completion_tokens") == 8 and image_tokens > 0
         return 0 if ok else 1
     finally:
         stop(proc)
