@@ -114,3 +114,56 @@ def test_mixed_workload_with_aborts_and_failures_leaves_nothing_referenced(app) 
     assert lm_stats["engine"]["kv_blocks_used"] == 0 and lm_stats["engine"]["running"] == 0
     assert lm_stats["vision_client"]["releases_dropped"] == 0
     assert lm_stats["engine"]["preemptions"] > before, "the workload was meant to preempt (re-encode path)"
+
+
+@serve.deployment(name="LateVision", ray_actor_options={"num_cpus": 0})
+class LateVision:
+    """A vision pool whose embeddings are lost on the way (delay_s=None) or arrive late: it answers
+    `encode` at once, and pushes correctly shaped embeddings only after delay_s."""
+
+    def __init__(self, hidden: int, delay_s: float | None):
+        import asyncio
+
+        from runtime.transport import EmbeddingSender
+
+        self.hidden, self.delay_s, self.asyncio = hidden, delay_s, asyncio
+        self.sender = EmbeddingSender("tcp://127.0.0.1:9")  # nothing listens there: releases are not its concern
+
+    async def encode(self, request):
+        import torch
+
+        from runtime.protocol import EncodeAccepted
+
+        async def push_later() -> None:
+            await self.asyncio.sleep(self.delay_s)
+            for index, image in zip(request.indexes(), request.images, strict=True):
+                self.sender.send_embeddings(request.reply_to, request.request_id, index, "k",
+                                            torch.zeros(image.placeholders, self.hidden))
+
+        if self.delay_s is not None:
+            self.asyncio.get_running_loop().create_task(push_later())
+        return EncodeAccepted(self.sender.sender_id, len(request.images))
+
+
+@pytest.mark.parametrize("delay_s", [None, 3.0], ids=["dropped", "late"])
+def test_lost_or_late_embeddings_fail_the_request_with_a_timeout(app, delay_s) -> None:
+    from runtime.lm_service.deployment import LMService
+
+    path, _, _ = app
+    prep = RequestPreparer(path, "float32")
+    name = f"lm-lossy-{'late' if delay_s else 'dropped'}"
+    handle = serve.run(LMService.options(name="LMLossy", ray_actor_options={"num_cpus": 0}).bind(
+        str(path), ENGINE, LateVision.bind(64, delay_s), "127.0.0.1", {"arrival_timeout_s": 1.0}),
+        name=name, route_prefix=None)
+    try:
+        request = prep.prepare("lossy", chat("x", [png(56, 56, seed=1)], mixed(1)[0].sampling))
+        got = _collect(handle, request)
+        assert got["reason"] == "error" and got["error_type"] == "timeout"
+        assert "did not arrive within 1.0 s" in got["error"]
+        time.sleep((delay_s or 0) + 0.5)  # a late message lands after the request is gone
+        stats = handle.stats.remote().result(timeout_s=30)
+        assert stats["engine"]["kv_blocks_used"] == 0 and stats["vision_client"]["requests"] == 0
+        assert stats["vision_client"]["arrival_timeouts"] == 1
+        assert stats["engine"]["dropped_embeddings"] == (len(request.images) if delay_s else 0)
+    finally:
+        serve.delete(name)
