@@ -36,6 +36,7 @@ class EngineArgs(_Section):
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks per LM replica")
     ep_timeout_s: float = Field(120.0, gt=0)
     threads_per_rank: int = Field(1, ge=1, description="torch threads of each rank")
+    stream_interval_ms: float = Field(10.0, ge=0, description="merge streamed tokens after the first over this")
     cpus_per_rank: float = Field(1.0, ge=0, description="Ray CPUs reserved for each rank (rank 0 = the replica)")
     gpus_per_rank: float = Field(0.0, ge=0)
 
@@ -110,7 +111,8 @@ class AppConfig(_Section):
         config = EngineConfig(dtype=self.dtype, device=self.device, block_size=e.block_size,
                               kv_cache_bytes=e.kv_cache_mb * MiB, kv_fp8=e.kv_fp8, max_num_seqs=e.max_num_seqs,
                               max_num_batched_tokens=e.max_num_batched_tokens, prefix_caching=e.prefix_caching,
-                              ep_size=e.ep_size, ep_timeout_s=e.ep_timeout_s, threads_per_rank=e.threads_per_rank)
+                              ep_size=e.ep_size, ep_timeout_s=e.ep_timeout_s, threads_per_rank=e.threads_per_rank,
+                              stream_interval_s=e.stream_interval_ms / 1e3)
         return config.__dict__.copy()
 
     def rank_resources(self) -> dict[str, float]:

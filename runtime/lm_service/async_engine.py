@@ -57,10 +57,15 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._run, name="engine-step-loop", daemon=True)
         self._thread.start()
 
-    def add_request(self, request: EngineRequest,
-                    embeddings: Sequence[tuple[int, torch.Tensor]] = ()) -> AsyncIterator[RequestOutput]:
+    def add_request(self, request: EngineRequest, embeddings: Sequence[tuple[int, torch.Tensor]] = (),
+                    stream_interval_s: float | None = None) -> AsyncIterator[RequestOutput]:
         """Queue the request now (RequestError if invalid, EngineDeadError if the loop died) and
-        return its output stream. Must be called on the asyncio loop that will read the stream."""
+        return its output stream. Must be called on the asyncio loop that will read the stream.
+
+        With stream_interval_s > 0 (default: the engine config's), outputs after the first are
+        merged over that interval: fewer, larger messages for a reader across a process boundary
+        (each costs an RPC), at the price of burstier inter-token gaps. The first token is never
+        held back."""
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
             self._check_alive()
@@ -69,17 +74,24 @@ class AsyncEngine:
             for index, tensor in embeddings:
                 self.engine.add_embeddings(request.request_id, index, tensor)
         self._wake.set()
-        return self._read(request.request_id, stream)
+        interval = self.engine.config.stream_interval_s if stream_interval_s is None else stream_interval_s
+        return self._read(request.request_id, stream, interval)
 
-    async def _read(self, request_id: str, stream: _Stream) -> AsyncIterator[RequestOutput]:
-        finished = False
+    async def _read(self, request_id: str, stream: _Stream, interval_s: float) -> AsyncIterator[RequestOutput]:
+        finished, last_yield = False, None
+        loop = asyncio.get_running_loop()
         try:
             while not finished:
                 outs = [await stream.queue.get()]
+                if last_yield is not None and not outs[0].finished:
+                    wait = last_yield + interval_s - loop.time()
+                    if wait > 0:
+                        await asyncio.sleep(wait)
                 while not stream.queue.empty():  # a slow reader gets what piled up as one output
                     outs.append(stream.queue.get_nowait())
                 out = merge_outputs(outs)
                 finished = out.finished
+                last_yield = loop.time()
                 yield out
         finally:
             if not finished:  # the reader left early (client gone, task cancelled)

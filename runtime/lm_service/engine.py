@@ -45,6 +45,7 @@ class EngineConfig:
     ep_size: int = 1
     ep_timeout_s: float = 120.0
     threads_per_rank: int = 1
+    stream_interval_s: float = 0.0  # async streams merge outputs after the first over this interval
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

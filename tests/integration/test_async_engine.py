@@ -52,3 +52,27 @@ def test_streams_add_up_and_leaving_aborts(checkpoints) -> None:
         assert tokens == want.token_ids and text == want.text and reason == "length"
     assert stats.kv_blocks_used == 0 and stats.running == 0 and stats.waiting == 0
     assert not llm.engine.states
+
+
+def test_stream_interval_merges_outputs_without_changing_them(checkpoints) -> None:
+    path = checkpoints("tiny")
+    request = mixed(1, seed=12)[0]
+    long = dataclasses.replace(request, sampling=msgspec.structs.replace(request.sampling, max_tokens=60))
+    expected = OfflineLLM(path, CONFIG).generate(long)
+    llm = OfflineLLM(path, CONFIG)
+    engine = AsyncEngine(llm.engine)
+
+    async def consume(interval: float) -> list:
+        embeds, sizes = llm.encode_images(long.images)
+        ids = llm.prompts.token_ids(long.messages, sizes)
+        er = EngineRequest(f"r{interval}", ids, long.sampling, tuple(llm.image_key(b) for b in long.images))
+        return [out async for out in engine.add_request(er, list(enumerate(embeds)), stream_interval_s=interval)]
+
+    try:
+        merged = asyncio.run(consume(0.05))
+    finally:
+        engine.close()
+    assert [t for o in merged for t in o.token_ids] == expected.token_ids
+    assert "".join(o.text for o in merged) == expected.text and merged[-1].finish_reason == "length"
+    assert len(merged[0].token_ids) == 1  # the first token is not held back
+    assert len(merged) < 30, f"{len(merged)} messages for 60 tokens"
