@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import signal
 import sys
 import time
 from pathlib import Path
@@ -155,6 +156,9 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host)
     url = launch.base_url(config)
+    launch.check_port_free(config)  # else /health would be answered by whatever holds the port
+    # SIGTERM (kill, a process manager, a background job where SIGINT is ignored) stops it cleanly too.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         start = time.perf_counter()
@@ -180,6 +184,10 @@ def _bench(args: argparse.Namespace) -> int:
     from runtime.benchmark.serve_bench import main as bench_serve
 
     return bench_serve(args)
+
+
+def _raise_keyboard_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
 
 
 def _ask_once(url: str) -> int:

@@ -7,11 +7,14 @@ as `serve deploy`, so what runs is exactly what the YAML describes; --model and 
 from __future__ import annotations
 
 import copy
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+from runtime.errors import RuntimeServingError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
 
@@ -47,6 +50,17 @@ def with_overrides(config: dict[str, Any], args: dict[str, Any] | None = None, r
     if host is not None:
         http["host"] = host
     return config
+
+
+def check_port_free(config: dict[str, Any]) -> None:
+    """Raise if the HTTP address is taken (another server would answer our readiness checks)."""
+    http = config.get("http_options", {})
+    host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise RuntimeServingError(f"{host}:{port} is already in use ({e.strerror}); pass --port") from e
 
 
 def deploy(config: dict[str, Any]) -> Any:
