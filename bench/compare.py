@@ -175,9 +175,12 @@ def measure_server(args: argparse.Namespace, base_url: str, model: str, workload
 
 
 def our_config(args: argparse.Namespace, port: int, vision_replicas: int) -> tuple[Path, dict[str, Any]]:
-    """deploy/local.yaml with the checkpoint, the port and VisionService's replica count changed."""
+    """deploy/local.yaml with the checkpoint, the port and VisionService's replica count changed, and
+    the same KV cache size vLLM gets (VLLM_CPU_KVCACHE_SPACE=1 GiB): local.yaml's 64 MiB holds only
+    ~14k tokens of this checkpoint, so C=64 would measure preemption, not serving."""
     config = launch.load_config(launch.DEFAULT_CONFIG, model=str(args.model), port=port,
-                                replicas={"VisionService": vision_replicas})
+                                replicas={"VisionService": vision_replicas},
+                                args={"engine": {"kv_cache_mb": args.kv_cache_mb}})
     fd, path = tempfile.mkstemp(prefix="compare-serve-", suffix=".yaml")
     with os.fdopen(fd, "w") as f:
         yaml.safe_dump(config, f, sort_keys=False)
@@ -207,13 +210,13 @@ def start_ours(args: argparse.Namespace, port: int, config: Path, log_path: Path
 
 
 def stop_ours(proc: subprocess.Popen) -> list[int]:
-    """SIGINT (serve and Ray shut down in its `finally`), then kill whatever of its process tree is left.
+    """SIGTERM (serve and Ray shut down in its `finally`), then kill whatever of its process tree is left.
 
     Only this server's own descendants are touched: another Ray cluster (tests) may share the machine.
     """
     tree = descendants(proc.pid)
     if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
@@ -451,6 +454,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-load", type=float, default=0.6, help="wait for the 1-min load average below this")
     ap.add_argument("--max-wait-s", type=float, default=240)
     ap.add_argument("--port", type=int, default=8123, help="ours; vLLM gets the next one")
+    ap.add_argument("--kv-cache-mb", type=int, default=1024, help="ours (vLLM: VLLM_CPU_KVCACHE_SPACE=1 GiB)")
     ap.add_argument("--timeout-s", type=float, default=600, help="per request")
     ap.add_argument("--start-timeout-s", type=float, default=300)
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "compare.json")
