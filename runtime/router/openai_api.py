@@ -163,9 +163,16 @@ def chat_response(rid: str, model: str, done: Completion, splitter: ReasoningSpl
         message = {"role": "assistant", "content": content + tail_c, "reasoning_content": (reasoning + tail_r) or None}
     choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": done.last.finish_reason,
                               "logprobs": chat_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
-    body: dict[str, Any] = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+    return _whole(rid, model, "chat.completion", choice, done, prompt_ids if return_token_ids else None)
+
+
+def _whole(rid: str, model: str, kind: str, choice: dict[str, Any], done: Completion,
+           prompt_ids: list[int] | None) -> dict[str, Any]:
+    """The response envelope around one choice; with prompt_ids, vLLM's return_token_ids fields."""
+    assert done.last is not None
+    body: dict[str, Any] = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
                             "choices": [choice], "usage": usage(done.last)}
-    if return_token_ids:
+    if prompt_ids is not None:
         choice["token_ids"] = done.token_ids
         body["prompt_token_ids"] = prompt_ids
     return body
@@ -184,12 +191,7 @@ def completion_response(rid: str, model: str, done: Completion, want_logprobs: b
     assert done.last is not None
     choice: dict[str, Any] = {"index": 0, "text": done.text, "finish_reason": done.last.finish_reason,
                               "logprobs": completion_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
-    body: dict[str, Any] = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-                            "choices": [choice], "usage": usage(done.last)}
-    if return_token_ids:
-        choice["token_ids"] = done.token_ids
-        body["prompt_token_ids"] = prompt_ids
-    return body
+    return _whole(rid, model, "text_completion", choice, done, prompt_ids if return_token_ids else None)
 
 
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None,
