@@ -17,6 +17,7 @@ from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.vision_client import VisionClientConfig
 from runtime.requests import RequestLimits
 from runtime.vision_service.encoder import VisionConfig
+from runtime.vision_service.preprocess import ImageLimits
 
 MiB = 2**20
 TINY = "tiny"  # the embedded default: built from the project's own preset on first start
@@ -141,6 +142,10 @@ class AppConfig(_Section):
 
     def vision_client_config(self) -> dict[str, Any]:
         return VisionClientConfig(self.vision.encode_timeout_s, self.vision.arrival_timeout_s).__dict__.copy()
+
+    def image_limits(self) -> ImageLimits:
+        """The decoder's limits: the router checks image headers against the same ones."""
+        return ImageLimits(max_pixels=self.vision.max_pixels)
 
     def request_limits(self) -> RequestLimits:
         lim = self.limits

@@ -137,7 +137,7 @@ class Engine:
         """`launch` starts the expert-parallel worker ranks (default: local child processes)."""
         from runtime.lm_service.loading import load_engine_parts
 
-        parts = load_engine_parts(model_dir, config, launch) if launch else load_engine_parts(model_dir, config)
+        parts = load_engine_parts(model_dir, config, launch)
         return cls(parts.lm, parts.model_config, config, parts.eos_token_ids, parts.tokenizer, hooks,
                    parts.expert_group)
 

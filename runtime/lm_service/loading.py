@@ -29,7 +29,8 @@ class EngineParts:
 
 
 def load_engine_parts(model_dir: str | Path, config: EngineConfig,
-                      launch: RankLauncher = spawn_process) -> EngineParts:
+                      launch: RankLauncher | None = None) -> EngineParts:
+    """`launch` starts the expert-parallel worker ranks (default: child processes of this one)."""
     cfg = load_model_config(model_dir)
 
     def load_local(experts: tuple[int, int] | None) -> DeepseekV3LM:
@@ -39,7 +40,7 @@ def load_engine_parts(model_dir: str | Path, config: EngineConfig,
     if config.ep_size > 1:
         lm, group = ExpertGroup.start(str(model_dir), config.ep_size, config.dtype, config.device,
                                       config.ep_timeout_s, config.threads_per_rank, load_local,
-                                      cfg.text.n_routed_experts, launch=launch)
+                                      cfg.text.n_routed_experts, launch=launch or spawn_process)
     else:
         lm = load_local(None)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

@@ -92,10 +92,16 @@ def _partial_suffix(text: str, tag: str) -> int:
     return 0
 
 
-def starts_in_reasoning(prompt_ids: list[int], tokenizer: Any) -> bool:
-    """Whether the rendered prompt leaves the model inside an open think block."""
+def think_token_ids(tokenizer: Any) -> tuple[int | None, int | None]:
+    """(<think>, </think>) ids, or None where the vocabulary lacks them. Once per router: building
+    the vocabulary dict costs milliseconds on a real tokenizer."""
     vocab = tokenizer.get_vocab()
-    open_id, close_id = vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE)
+    return vocab.get(THINK_OPEN), vocab.get(THINK_CLOSE)
+
+
+def starts_in_reasoning(prompt_ids: list[int], think_ids: tuple[int | None, int | None]) -> bool:
+    """Whether the rendered prompt leaves the model inside an open think block."""
+    open_id, close_id = think_ids
     if open_id is None:
         return False
     last_open = max((i for i, t in enumerate(prompt_ids) if t == open_id), default=-1)

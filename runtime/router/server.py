@@ -56,18 +56,14 @@ class Router:
         self.config = AppConfig.model_validate(config)
         self.model = self.config.name
         self.lm, self.vision = lm, vision
-        self.prep = RequestPreparer(model_dir, self.config.dtype, self._image_limits())
+        self.prep = RequestPreparer(model_dir, self.config.dtype, self.config.image_limits())
+        self.think_ids = api.think_token_ids(self.prep.tokenizer)
         self.limits = self.config.request_limits()
         urls = self.config.image_urls
         self.fetcher = ImageFetcher(urls.fetch_timeout_s, self.limits.max_image_bytes, urls.allow_private_addresses)
         self.telemetry = RouterMetrics()
         self.board = board(serve.get_replica_context().app_name)
         self._in_flight = 0
-
-    def _image_limits(self):
-        from runtime.vision_service.preprocess import ImageLimits
-
-        return ImageLimits(max_pixels=self.config.vision.max_pixels)
 
     # --- endpoints -----------------------------------------------------------------------------
 
@@ -176,7 +172,7 @@ class Router:
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = await asyncio.to_thread(self.prep.prepare, rid, chat)  # hashing and tokenizing: off the loop
         options = self._options(body, chat.sampling)
-        options["reasoning"] = api.starts_in_reasoning(gen.prompt_ids, self.prep.tokenizer)
+        options["reasoning"] = api.starts_in_reasoning(gen.prompt_ids, self.think_ids)
         return gen, options
 
     async def _prepare_completion(self, body: dict[str, Any]) -> tuple[GenerateRequest, dict[str, Any]]:

@@ -35,7 +35,7 @@ class VisionService:
         self.encoder = VisionEncoder(model_dir, self.config, self.releases.address,
                                      EmbeddingSender(self.releases.address))
         context = serve.get_replica_context()
-        self.reporter = Reporter("vision", context.replica_id.unique_id, context.app_name, self.snapshot)
+        self.reporter = Reporter("vision", context.replica_id.unique_id, context.app_name, self._report)
 
     def _release_from_thread(self, request_id: str) -> None:
         if self._loop is not None:
@@ -59,12 +59,15 @@ class VisionService:
         return self.releases.address
 
     def snapshot(self) -> dict[str, Any]:
-        """Also called from the reporter thread: it reclaims expired leases on the event loop, so
-        they are reclaimed even when nobody asks for stats."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self.encoder.cache.reclaim_expired)
         return {"address": self.releases.address, "pid": os.getpid(), "cache": asdict(self.encoder.cache.stats()),
                 "batch_sizes": list(self.encoder._batcher.batch_sizes[-100:]), "rss_bytes": rss_bytes()}
+
+    def _report(self) -> dict[str, Any]:
+        """The reporter thread's view. It also reclaims expired leases (on the event loop, where the
+        cache lives), so they are reclaimed even when nobody asks for stats."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self.encoder.cache.reclaim_expired)
+        return self.snapshot()
 
     def __del__(self) -> None:
         self.reporter.close()

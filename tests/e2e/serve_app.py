@@ -31,10 +31,9 @@ class ServeApp:
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
-        self.client = None
 
     def deploy(self, config: dict[str, Any], timeout_s: float = 180) -> None:
-        self.client = launch.deploy(config)
+        launch.deploy(config)
         launch.wait_ready(self.base_url, timeout_s)
 
     def stats(self) -> dict[str, Any]:

@@ -68,10 +68,11 @@ def test_chat_with_images_equals_transformers(app) -> None:
         response = post(served, "/v1/chat/completions", body(text, images, return_token_ids=True))
         assert response.status_code == 200, response.text
         answer = response.json()
-        expected, _ = reference_greedy(ref, reference_inputs(prep, chat(text, images, greedy)), 8)
+        inputs = reference_inputs(prep, chat(text, images, greedy))
+        expected, _ = reference_greedy(ref, inputs, 8)
         assert answer["choices"][0]["token_ids"] == expected
         assert answer["usage"]["completion_tokens"] == 8 and answer["choices"][0]["finish_reason"] == "length"
-        assert answer["prompt_token_ids"] == reference_inputs(prep, chat(text, images, greedy))["input_ids"][0].tolist()
+        assert answer["prompt_token_ids"] == inputs["input_ids"][0].tolist()
 
 
 def test_stream_equals_whole_answer(app) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import queue
 import time
 
@@ -48,12 +49,22 @@ def _release_and_count_live(handle, sender: EmbeddingSender, releases: list[tupl
     return live
 
 
-def test_encode_push_release_through_serve(vision_app) -> None:
-    path, handle = vision_app
+@contextlib.contextmanager
+def _lm_side(name: str):
+    """What an LM replica has: an inbox (embeddings and errors land in the queue) and a sender for releases."""
     got: queue.Queue = queue.Queue()
     inbox = EmbeddingInbox(lambda h, t: got.put((h, t.clone())), got.put)
-    sender = EmbeddingSender("lm-test")
+    sender = EmbeddingSender(name)
     try:
+        yield got, inbox, sender
+    finally:
+        sender.close()
+        inbox.close()
+
+
+def test_encode_push_release_through_serve(vision_app) -> None:
+    path, handle = vision_app
+    with _lm_side("lm-test") as (got, inbox, sender):
         image = png(140, 112, seed=21)
         request = EncodeRequest("req-1", [_payload(path, image), ImagePayload(b"junk", 4)], inbox.address)
         accepted = handle.encode.remote(request).result(timeout_s=60)
@@ -72,17 +83,11 @@ def test_encode_push_release_through_serve(vision_app) -> None:
         assert stats["hits"] == 1 and stats["misses"] == 2 and stats["live_references"] == 2  # junk was a miss too
 
         assert _release_and_count_live(handle, sender, [(accepted.sender, "req-1"), (accepted.sender, "req-2")]) == 0
-    finally:
-        sender.close()
-        inbox.close()
 
 
 def test_concurrent_requests_for_one_new_image_encode_once_through_serve(vision_app) -> None:
     path, handle = vision_app
-    got: queue.Queue = queue.Queue()
-    inbox = EmbeddingInbox(lambda h, t: got.put((h, t.clone())), got.put)
-    sender = EmbeddingSender("lm-test-2")
-    try:
+    with _lm_side("lm-test-2") as (got, inbox, sender):
         before = handle.stats.remote().result(timeout_s=30)["cache"]
         image = _payload(path, png(84, 84, seed=31))
         responses = [handle.encode.remote(EncodeRequest(f"c{i}", [image], inbox.address)) for i in range(4)]
@@ -92,9 +97,6 @@ def test_concurrent_requests_for_one_new_image_encode_once_through_serve(vision_
         assert after["misses"] - before["misses"] == 1 and after["hits"] - before["hits"] == 3
         assert all(torch.equal(t, tensors[0]) for t in tensors)
         assert _release_and_count_live(handle, sender, [(a.sender, f"c{i}") for i, a in enumerate(accepted)]) == 0
-    finally:
-        sender.close()
-        inbox.close()
 
 
 def test_small_budget_is_never_exceeded_and_lost_releases_expire(vision_app) -> None:

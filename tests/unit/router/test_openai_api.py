@@ -7,7 +7,7 @@ import random
 import pytest
 
 from runtime.protocol import RequestOutput
-from runtime.router.openai_api import ReasoningSplitter, engine_error, starts_in_reasoning, usage
+from runtime.router.openai_api import ReasoningSplitter, engine_error, starts_in_reasoning, think_token_ids, usage
 
 
 def _split_in_pieces(text: str, reasoning: bool, seed: int) -> tuple[str, str]:
@@ -39,9 +39,10 @@ class FakeTokenizer:
 
 
 def test_starts_in_reasoning_reads_the_last_think_tag_of_the_prompt() -> None:
-    assert starts_in_reasoning([1, 2, 7], FakeTokenizer())
-    assert not starts_in_reasoning([1, 7, 8], FakeTokenizer())
-    assert not starts_in_reasoning([1, 2, 3], FakeTokenizer())
+    ids = think_token_ids(FakeTokenizer())
+    assert starts_in_reasoning([1, 2, 7], ids)
+    assert not starts_in_reasoning([1, 7, 8], ids)
+    assert not starts_in_reasoning([1, 2, 3], ids)
 
 
 def test_usage_and_engine_errors() -> None:
