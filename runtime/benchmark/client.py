@@ -24,7 +24,8 @@ class RequestResult:
     error: str = ""
     ttft_s: float = 0.0
     e2e_s: float = 0.0
-    itl_s: list[float] = field(default_factory=list)
+    itl_s: list[float] = field(default_factory=list)  # one gap per text chunk after the first
+    text_chunks: int = 0  # a server may send several tokens in one chunk
     prompt_tokens: int = 0
     output_tokens: int = 0
 
@@ -64,6 +65,7 @@ async def send_one(session: aiohttp.ClientSession, url: str, body: dict[str, Any
                     return result
                 now = time.perf_counter()
                 if _has_text(chunk):
+                    result.text_chunks += 1
                     if last is None:
                         result.ttft_s = now - started
                     else:
