@@ -44,14 +44,25 @@ class PagedLatentCache:
         self.data[layer].index_copy_(0, slots, latent.to(self.data.dtype))
 
     def load(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
-        out = self.data[layer][slots]
-        return out.view(FP8).to(self.dtype) if self.fp8 else out
+        return self._readable(self.data[layer][slots])
+
+    def load_blocks(self, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
+        """Whole blocks [*block_ids.shape, block_size, r + p]: one contiguous copy per block, far
+        cheaper than gathering slot by slot."""
+        blocks = self.data[layer].view(self.num_blocks, self.block_size, -1)
+        picked = blocks.index_select(0, block_ids.reshape(-1))
+        return self._readable(picked.view(*block_ids.shape, self.block_size, picked.shape[-1]))
+
+    def _readable(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored.view(FP8).to(self.dtype) if self.fp8 else stored
+
+    def slot_list(self, block_ids: Sequence[int], start: int, end: int) -> list[int]:
+        """Cache slots of positions [start, end) of a sequence with these blocks."""
+        bs = self.block_size
+        return [block_ids[pos // bs] * bs + pos % bs for pos in range(start, end)]
 
     def slots(self, block_ids: Sequence[int], start: int, end: int) -> torch.Tensor:
-        """Cache slots of positions [start, end) of a sequence with these blocks."""
-        pos = torch.arange(start, end)
-        blocks = torch.tensor(block_ids, dtype=torch.long)
-        return (blocks[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
+        return torch.tensor(self.slot_list(block_ids, start, end), dtype=torch.long, device=self.device)
 
 
 @dataclass(frozen=True)
@@ -65,36 +76,55 @@ class SequenceChunk:
 
 class PagedBatch:
     """KVBatch (runtime.models.deepseek_v3) over the paged cache for one forward.
-    Sequences with one new token (decodes) are attended together; prefill chunks one by one."""
+
+    Sequences with one new token (decodes) are attended together: their block tables are padded
+    into one [B, max_blocks] tensor once per forward, and every layer reads whole blocks through it.
+    Prefill chunks are attended one by one over their own blocks. All index tensors are built once
+    here, from Python lists, and shared by every layer."""
 
     def __init__(self, cache: PagedLatentCache, chunks: Sequence[SequenceChunk], batch_decodes: bool = True):
         self.cache, self.chunks = cache, list(chunks)
-        self._write_slots = torch.cat([cache.slots(c.block_ids, c.start, c.start + c.num_tokens) for c in chunks])
+        device = cache.device
+        write_slots: list[int] = []
+        positions: list[int] = []
+        for c in self.chunks:
+            write_slots += cache.slot_list(c.block_ids, c.start, c.start + c.num_tokens)
+            positions += range(c.start, c.start + c.num_tokens)
+        self._write_slots = torch.tensor(write_slots, dtype=torch.long, device=device)
+        self._positions = torch.tensor(positions, dtype=torch.long)
         starts = [0]
-        for c in chunks:
+        for c in self.chunks:
             starts.append(starts[-1] + c.num_tokens)
-        decode = [i for i, c in enumerate(chunks) if c.num_tokens == 1] if batch_decodes else []
+        decode = [i for i, c in enumerate(self.chunks) if c.num_tokens == 1] if batch_decodes else []
         together = set(decode)
-        self._looped = [(i, starts[i], c.num_tokens) for i, c in enumerate(chunks) if i not in together]
-        self._ctx_slots = {
-            i: cache.slots(chunks[i].block_ids, 0, chunks[i].start + n) for i, _, n in self._looped
-        }
+        self._looped = [(i, starts[i], c.num_tokens) for i, c in enumerate(self.chunks) if i not in together]
+        self._ctx_blocks = {i: self._blocks_tensor(self.chunks[i], self.chunks[i].start + n)
+                            for i, _, n in self._looped}
         self._decode_rows: torch.Tensor | None = None
         if decode:
-            self._decode_rows = torch.tensor([starts[i] for i in decode], device=cache.device)
-            self._decode_slots, self._decode_valid = self._padded_slots([chunks[i] for i in decode])
+            self._decode_rows = torch.tensor([starts[i] for i in decode], device=device)
+            self._decode_table, self._decode_valid = self._padded_table([self.chunks[i] for i in decode])
 
-    def _padded_slots(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = torch.tensor([c.start + 1 for c in chunks])
-        longest = int(lengths.max())
-        slots = torch.zeros(len(chunks), longest, dtype=torch.long, device=self.cache.device)
-        for b, c in enumerate(chunks):
-            slots[b, : c.start + 1] = self.cache.slots(c.block_ids, 0, c.start + 1)
-        valid = torch.arange(longest)[None, :] < lengths[:, None]
-        return slots, valid.to(self.cache.device)
+    def _blocks_tensor(self, chunk: SequenceChunk, length: int) -> tuple[torch.Tensor, int]:
+        used = -(-length // self.cache.block_size)
+        return torch.tensor(list(chunk.block_ids[:used]), dtype=torch.long, device=self.cache.device), length
+
+    def _padded_table(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block tables [B, max_blocks] (padding repeats a real block; it is masked) and which
+        context positions are real [B, max_blocks * block_size]."""
+        bs = self.cache.block_size
+        lengths = [c.start + 1 for c in chunks]
+        widest = -(-max(lengths) // bs)
+        rows = []
+        for c, n in zip(chunks, lengths, strict=True):
+            used = list(c.block_ids[: -(-n // bs)])
+            rows.append(used + [used[0]] * (widest - len(used)))
+        table = torch.tensor(rows, dtype=torch.long, device=self.cache.device)
+        valid = torch.arange(widest * bs)[None, :] < torch.tensor(lengths)[:, None]
+        return table, valid.to(self.cache.device)
 
     def positions(self, device: torch.device | str) -> torch.Tensor:
-        return torch.cat([torch.arange(c.start, c.start + c.num_tokens) for c in self.chunks]).to(device)
+        return self._positions.to(device)
 
     def write(self, layer: int, latent: torch.Tensor) -> None:
         self.cache.store(layer, self._write_slots, latent)
@@ -103,13 +133,15 @@ class PagedBatch:
         return self._looped
 
     def context(self, layer: int, seq: int) -> torch.Tensor:
-        return self.cache.load(layer, self._ctx_slots[seq])
+        blocks, length = self._ctx_blocks[seq]
+        return self.cache.load_blocks(layer, blocks).reshape(-1, self.cache.data.shape[-1])[:length]
 
     def decode_rows(self) -> torch.Tensor | None:
         return self._decode_rows
 
     def decode_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.cache.load(layer, self._decode_slots), self._decode_valid
+        ctx = self.cache.load_blocks(layer, self._decode_table)  # [B, max_blocks, block_size, r + p]
+        return ctx.view(ctx.shape[0], -1, ctx.shape[-1]), self._decode_valid
 
     def advance(self) -> None:
         """Progress is the scheduler's to track; nothing to commit here."""
