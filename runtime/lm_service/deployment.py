@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -52,7 +52,7 @@ class LMService:
         self.processor = load_processor_config(model_dir)
         self.inbox = EmbeddingInbox(self._on_embeddings, self._on_error, host or node_ip())
         self.vision = VisionClient(vision, self.inbox.address, EmbeddingSender(self.inbox.address),
-                                   self._fail, self._missing, VisionClientConfig(**(vision_client or {})))
+                                   self._fail, self._when_missing, VisionClientConfig(**(vision_client or {})))
         hooks = EngineHooks(need_embeddings=self.vision.encode_from_thread, released=self.vision.request_ended)
         # EP worker ranks are Ray actors in this replica's placement group (on its node).
         launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
@@ -73,8 +73,8 @@ class LMService:
     def _fail(self, request_id: str, message: str, error_type: str) -> None:
         self.engine.fail(request_id, message, error_type)
 
-    def _missing(self, request_id: str) -> list[int]:
-        return self.engine.missing_embeddings(request_id)
+    def _when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:
+        self.engine.when_missing(request_id, indexes, reply)
 
     # --- the handle API ----------------------------------------------------------------------
 

@@ -143,6 +143,12 @@ class Engine:
 
     # --- requests in -------------------------------------------------------------------------
 
+    def check(self, request: EngineRequest) -> None:
+        """Raise RequestError if the request can never run. Reads only the configuration, so any
+        thread may call it while another steps the engine."""
+        self._image_spans(request)
+        self._max_tokens(request)
+
     def add_request(self, request: EngineRequest) -> None:
         """Queue a request. Raises RequestError (nothing queued) if it can never run."""
         if request.request_id in self.states:

@@ -21,7 +21,9 @@ from runtime.transport import EmbeddingSender
 
 # (request_id, message, error_type) -> the engine fails the request
 FailRequest = Callable[[str, str, str], None]
-MissingEmbeddings = Callable[[str], list[int]]
+# (request_id, image indexes, reply) -> the engine calls reply (on any thread) with those of the
+# indexes whose embeddings the request still lacks once everything received so far is applied
+MissingEmbeddings = Callable[[str, list[int], Callable[[list[int]], None]], None]
 
 
 @dataclass(frozen=True)
@@ -124,7 +126,9 @@ class VisionClient:
             req = self._requests.get(request_id)
             if req is None or req.ended or req.asks != ask:
                 return
-        lost = sorted(set(indexes) & set(self.missing(request_id)))
+        self.missing(request_id, indexes, lambda lost: self._lost(request_id, lost))
+
+    def _lost(self, request_id: str, lost: list[int]) -> None:
         if lost:
             self._counts["arrival_timeouts"] += 1
             self.fail(request_id, f"embeddings of image(s) {lost} did not arrive within "

@@ -33,7 +33,7 @@ class FakeSender:
         return True
 
 
-def _client(missing=lambda rid: [], **config):
+def _client(missing=lambda rid, indexes, reply: reply([]), **config):
     failures: list[tuple[str, str, str]] = []
     handle, sender = FakeHandle(), FakeSender()
     client = VisionClient(handle, "tcp://lm:1", sender, lambda *a: failures.append(a), missing,
@@ -122,7 +122,8 @@ def test_embeddings_that_never_arrive_fail_the_request() -> None:
     waiting = {"lost": [0, 1], "fine": []}
 
     async def main():
-        client, handle, _, failures = _client(missing=lambda rid: waiting[rid], arrival_timeout_s=0.05)
+        client, handle, _, failures = _client(
+            missing=lambda rid, indexes, reply: reply(sorted(set(indexes) & set(waiting[rid]))), arrival_timeout_s=0.05)
         for rid in waiting:
             client.expect(rid, IMAGES)
             client.encode(rid)
