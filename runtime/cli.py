@@ -6,6 +6,7 @@ import argparse
 import base64
 import io
 import json
+import os
 import signal
 import sys
 import time
@@ -159,6 +160,7 @@ def _serve(args: argparse.Namespace) -> int:
     launch.check_port_free(config)  # else /health would be answered by whatever holds the port
     # SIGTERM (kill, a process manager, a background job where SIGINT is ignored) stops it cleanly too.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    os.environ.update(launch.ray_environment(config))  # before Ray starts: its processes inherit them
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
     try:
         start = time.perf_counter()
@@ -166,6 +168,8 @@ def _serve(args: argparse.Namespace) -> int:
         launch.wait_ready(url)
         print(f"serving at {url} (ready in {time.perf_counter() - start:.0f}s): POST {url}/v1/chat/completions, "
               f"GET {url}/v1/models, {url}/health, {url}/metrics, {url}/stats", flush=True)
+        print(f"the Router replica also answers directly at {launch.direct_url(config)} (no proxy hop: fastest)",
+              flush=True)
         if args.once:
             return _ask_once(url)
         print("Ctrl-C stops it.", flush=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.vision_client import VisionClientConfig
@@ -38,8 +38,21 @@ class EngineArgs(_Section):
     ep_timeout_s: float = Field(120.0, gt=0)
     threads_per_rank: int = Field(1, ge=1, description="torch threads of each rank")
     stream_interval_ms: float = Field(10.0, ge=0, description="merge streamed tokens after the first over this")
+    engine_process: bool | None = Field(
+        None, description="step the engine in a process of its own, apart from the replica's event loop "
+                          "(default: yes when ep_size is 1; with expert parallelism the replica is rank 0)")
     cpus_per_rank: float = Field(1.0, ge=0, description="Ray CPUs reserved for each rank (rank 0 = the replica)")
     gpus_per_rank: float = Field(0.0, ge=0)
+
+    @model_validator(mode="after")
+    def _engine_process_needs_one_rank(self) -> EngineArgs:
+        if self.engine_process and self.ep_size > 1:
+            raise ValueError("engine_process needs ep_size 1 (with expert parallelism the replica is rank 0)")
+        return self
+
+    @property
+    def separate_process(self) -> bool:
+        return self.ep_size == 1 if self.engine_process is None else self.engine_process
 
 
 class VisionArgs(_Section):

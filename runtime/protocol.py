@@ -132,3 +132,77 @@ class GenerateRequest(msgspec.Struct, tag="generate_request", frozen=True):
     sampling: SamplingParams
     images: list[ImagePayload] = []
     image_keys: list[str] = []
+
+
+# --- LM replica <-> its engine-core process, over ZMQ (runtime.lm_service.engine_core) ----------
+
+
+class CoreAdd(msgspec.Struct, tag="core_add", frozen=True):
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    image_hashes: list[str] = []
+
+
+class CoreAbort(msgspec.Struct, tag="core_abort", frozen=True):
+    request_id: str
+
+
+class CoreFail(msgspec.Struct, tag="core_fail", frozen=True):
+    request_id: str
+    message: str
+    error_type: str
+
+
+class CoreWhenMissing(msgspec.Struct, tag="core_when_missing", frozen=True):
+    """Answered by CoreMissing(token) once every command sent before it is applied."""
+
+    request_id: str
+    image_indexes: list[int]
+    token: int
+
+
+class CoreShutdown(msgspec.Struct, tag="core_shutdown", frozen=True):
+    pass
+
+
+CoreCommand = CoreAdd | CoreAbort | CoreFail | CoreWhenMissing | CoreShutdown
+
+
+class CoreReady(msgspec.Struct, tag="core_ready", frozen=True):
+    """The model is loaded; vision replicas push this core's embeddings to `inbox`."""
+
+    inbox: str
+    pid: int
+
+
+class CoreOutputs(msgspec.Struct, tag="core_outputs", frozen=True):
+    """Everything one step produced, for every request at once."""
+
+    outputs: list[RequestOutput]
+
+
+class CoreNeedEmbeddings(msgspec.Struct, tag="core_need_embeddings", frozen=True):
+    request_id: str
+    image_indexes: list[int]
+
+
+class CoreReleased(msgspec.Struct, tag="core_released", frozen=True):
+    request_id: str
+
+
+class CoreMissing(msgspec.Struct, tag="core_missing", frozen=True):
+    token: int
+    image_indexes: list[int]
+
+
+class CoreStats(msgspec.Struct, tag="core_stats", frozen=True):
+    engine: dict[str, object]  # runtime.lm_service.engine.EngineStats as a dict
+    malformed_messages: int = 0
+
+
+class CoreDead(msgspec.Struct, tag="core_dead", frozen=True):
+    message: str
+
+
+CoreEvent = CoreReady | CoreOutputs | CoreNeedEmbeddings | CoreReleased | CoreMissing | CoreStats | CoreDead

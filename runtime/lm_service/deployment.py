@@ -1,10 +1,15 @@
 """The LM pool as a Ray Serve deployment: one engine per replica (replica count = data-parallel size).
 
 `generate(GenerateRequest)` is a streaming handle call: the replica registers the request with its
-engine, asks the vision pool for the request's images (embeddings arrive over ZMQ at this replica's
+engine, asks the vision pool for the request's images (embeddings arrive over ZMQ at the engine's
 inbox, whose address travels as `reply_to`), and yields RequestOutputs until the last one. When the
 request ends for any reason, the engine frees its KV blocks and embeddings and the vision client
 releases its references in the vision pool.
+
+With `engine_process` the engine steps in a process of its own (runtime.lm_service.engine_core)
+and owns the inbox; otherwise it steps on a thread of the replica (expert parallelism: the replica
+is rank 0 and its worker ranks are Ray actors in its placement group). If the engine dies, the
+health check fails and the request router skips the replica until Serve replaces it.
 """
 
 from __future__ import annotations
@@ -21,21 +26,16 @@ from ray import serve
 from runtime.errors import RequestError
 from runtime.lm_service.async_engine import AsyncEngine
 from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
+from runtime.lm_service.engine_client import EngineClient
+from runtime.lm_service.engine_loop import error_output
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
-from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
-from runtime.protocol import EmbeddingHeader, EncodeError, GenerateRequest, RequestOutput
+from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, encode_failure
+from runtime.protocol import GenerateRequest, RequestOutput
 from runtime.stats_board import Reporter, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
 from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import load_processor_config
-
-# Vision errors that are the client's fault (a bad image) rather than ours.
-_CLIENT_IMAGE_ERRORS = {"invalid_image", "image_too_large"}
-
-
-def error_output(request_id: str, message: str, error_type: str) -> RequestOutput:
-    return RequestOutput(request_id, [], "", True, "error", message, error_type=error_type)
 
 
 @serve.deployment(name="LMService", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
@@ -45,30 +45,34 @@ def error_output(request_id: str, message: str, error_type: str) -> RequestOutpu
 class LMService:
     def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
                  host: str | None = None, vision_client: dict[str, Any] | None = None,
-                 rank_resources: dict[str, float] | None = None):
+                 rank_resources: dict[str, float] | None = None, engine_process: bool = False):
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
         self.model_dir = model_dir
         self.processor = load_processor_config(model_dir)
-        self.inbox = EmbeddingInbox(self._on_embeddings, self._on_error, host or node_ip())
-        self.vision = VisionClient(vision, self.inbox.address, EmbeddingSender(self.inbox.address),
-                                   self._fail, self._when_missing, VisionClientConfig(**(vision_client or {})))
-        hooks = EngineHooks(need_embeddings=self.vision.encode_from_thread, released=self.vision.request_ended)
-        # EP worker ranks are Ray actors in this replica's placement group (on its node).
-        launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
-        self.engine = AsyncEngine(Engine.from_model_dir(model_dir, self.config, hooks, launch))
+        host = host or node_ip()
+        # The vision client is made once the engine's embedding inbox exists; the hooks reach it then.
+        hooks = EngineHooks(need_embeddings=lambda rid, indexes: self.vision.encode_from_thread(rid, indexes),
+                            released=lambda rid: self.vision.request_ended(rid))
+        self.engine: AsyncEngine | EngineClient
+        self.inbox: EmbeddingInbox | None = None
+        if engine_process:  # the engine steps in its own process; embeddings go straight to it
+            self.engine = EngineClient(model_dir, self.config, hooks, host)
+            inbox_address = self.engine.inbox_address
+        else:
+            # EP worker ranks are Ray actors in this replica's placement group (on its node).
+            launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
+            local = self.engine = AsyncEngine(Engine.from_model_dir(model_dir, self.config, hooks, launch))
+            self.inbox = EmbeddingInbox(lambda h, t: local.add_embeddings(h.request_id, h.image_index, t),
+                                        lambda error: local.fail(error.request_id, *encode_failure(error)), host)
+            inbox_address = self.inbox.address
+        self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address), self._fail,
+                                   self._when_missing, VisionClientConfig(**(vision_client or {})))
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
         self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)
 
-    # --- embeddings in (the inbox thread) ----------------------------------------------------
-
-    def _on_embeddings(self, header: EmbeddingHeader, tensor: torch.Tensor) -> None:
-        self.engine.add_embeddings(header.request_id, header.image_index, tensor)
-
-    def _on_error(self, error: EncodeError) -> None:
-        kind = "invalid_request" if error.error_type in _CLIENT_IMAGE_ERRORS else "internal"
-        self._fail(error.request_id, f"image {error.image_index}: {error.message}", kind)
+    # --- what the vision client asks of the engine ---------------------------------------------
 
     def _fail(self, request_id: str, message: str, error_type: str) -> None:
         self.engine.fail(request_id, message, error_type)
@@ -118,13 +122,19 @@ class LMService:
         return {
             "replica": self.replica,
             "pid": os.getpid(),
-            "address": self.inbox.address,
+            "engine_pid": self.engine.pid if isinstance(self.engine, EngineClient) else os.getpid(),
+            "address": self.vision.reply_to,
             "engine": asdict(self.engine.stats()),
             "healthy": self.engine.error is None,
             "vision_client": asdict(self.vision.stats()),
-            "malformed_messages": self.inbox.malformed,
+            "malformed_messages": self._malformed_messages(),
             "rss_bytes": rss_bytes(),
         }
+
+    def _malformed_messages(self) -> int:
+        if isinstance(self.engine, EngineClient):
+            return self.engine.malformed_messages
+        return self.inbox.malformed if self.inbox is not None else 0
 
     async def check_health(self) -> None:
         if self.engine.error is not None:
@@ -133,5 +143,6 @@ class LMService:
 
     def __del__(self) -> None:
         self.reporter.close()
-        self.inbox.close()
+        if self.inbox is not None:
+            self.inbox.close()
         self.engine.close()

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.protocol import EncodeRequest, ImagePayload
+from runtime.protocol import EncodeError, EncodeRequest, ImagePayload
 from runtime.transport import EmbeddingSender
 
 # (request_id, message, error_type) -> the engine fails the request
@@ -24,6 +24,15 @@ FailRequest = Callable[[str, str, str], None]
 # (request_id, image indexes, reply) -> the engine calls reply (on any thread) with those of the
 # indexes whose embeddings the request still lacks once everything received so far is applied
 MissingEmbeddings = Callable[[str, list[int], Callable[[list[int]], None]], None]
+
+# Vision errors that are the client's fault (a bad image) rather than ours.
+_CLIENT_IMAGE_ERRORS = {"invalid_image", "image_too_large"}
+
+
+def encode_failure(error: EncodeError) -> tuple[str, str]:
+    """How an image that failed to encode fails its request: (message, error_type)."""
+    kind = "invalid_request" if error.error_type in _CLIENT_IMAGE_ERRORS else "internal"
+    return f"image {error.image_index}: {error.message}", kind
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,6 @@ def build_app(args: dict[str, Any]) -> Application:
         model_dir, config.vision_config(), config.host)
     lm = LMService.options(**config.lm_options()).bind(  # type: ignore[attr-defined]
         model_dir, config.engine_config(), vision, config.host, config.vision_client_config(),
-        config.rank_resources())
+        config.rank_resources(), config.engine.separate_process)
     return Router.bind(  # type: ignore[attr-defined]
         config.model_dump(), model_dir, lm, vision)

@@ -3,6 +3,7 @@ as `serve deploy` / `python -m runtime serve`), with real HTTP on a free local p
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 from typing import Any
@@ -27,6 +28,9 @@ def deploy_config(args: dict[str, Any] | None = None, replicas: dict[str, int] |
 
 class ServeApp:
     def __init__(self, port: int):
+        # As `python -m runtime serve` starts Ray (launch.ray_environment); restored on close.
+        self._saved_env = dict(os.environ)
+        os.environ.update(launch.ray_environment({"http_options": {"port": port}}))
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         self.port = port
@@ -56,3 +60,5 @@ class ServeApp:
 
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(self._saved_env)

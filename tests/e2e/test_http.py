@@ -211,3 +211,16 @@ def test_bench_serve_against_the_app(app, tmp_path) -> None:
     for r in results:
         assert r.ttft_s > 0 and r.e2e_s >= r.ttft_s + sum(r.itl_s) - 1e-6
         assert 1 <= r.text_chunks <= r.output_tokens == 6 and len(r.itl_s) == r.text_chunks - 1
+
+
+def test_the_router_replica_answers_directly_as_through_the_proxy(app) -> None:
+    # Serve's throughput-optimized mode (launch.ray_environment): the Router replica serves HTTP on
+    # the configured port + 1 itself, with the same answers as through the proxy.
+    served, _ = app
+    direct = served.base_url.rsplit(":", 1)[0] + f":{served.port + 1}"
+    request = body("hello there", [], max_tokens=6)
+    via_proxy = post(served, "/v1/chat/completions", request).json()
+    answer = requests.post(f"{direct}/v1/chat/completions", json=request, timeout=60).json()
+    assert answer["choices"][0]["message"] == via_proxy["choices"][0]["message"]
+    for key in ("prompt_tokens", "completion_tokens"):  # the second one hits the prefix cache
+        assert answer["usage"][key] == via_proxy["usage"][key]

@@ -1,0 +1,132 @@
+"""The engine in its own process (engine_core) behind EngineClient: the same answers as in-process,
+embeddings pushed straight into the core's inbox over real ZMQ, a reader that leaves aborts, a bad
+request fails alone, and a core that dies ends every live stream and releases what it held."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+
+from runtime.lm_service.engine import EngineConfig, EngineHooks
+from runtime.lm_service.engine_client import EngineClient
+from runtime.lm_service.offline import OfflineLLM
+from runtime.lm_service.request_state import EngineRequest
+from runtime.protocol import SamplingParams
+from runtime.transport import EmbeddingSender
+from tests.integration.workload import mixed
+
+CONFIG = EngineConfig(kv_cache_bytes=8 << 20, block_size=4)
+
+
+class Recorder:
+    """Engine hooks that remember what they were told (from the client's reader thread)."""
+
+    def __init__(self) -> None:
+        self.released: list[str] = []
+        self.lock = threading.Lock()
+
+    def hooks(self) -> EngineHooks:
+        return EngineHooks(need_embeddings=lambda rid, indexes: None, released=self.on_released)
+
+    def on_released(self, request_id: str) -> None:
+        with self.lock:
+            self.released.append(request_id)
+
+
+def test_answers_equal_the_in_process_engine_and_everything_is_released(checkpoints) -> None:
+    path = checkpoints("tiny")
+    requests = mixed(6, seed=21, max_tokens=(8, 14))
+    llm = OfflineLLM(path, CONFIG)
+    expected = [llm.generate(r, f"x{i}") for i, r in enumerate(requests)]
+    recorder = Recorder()
+    client = EngineClient(str(path), CONFIG, recorder.hooks(), "127.0.0.1")
+    sender = EmbeddingSender("vision-test")
+
+    async def one(i: int) -> tuple[list[int], str, str | None]:
+        r = requests[i]
+        embeds, sizes = llm.encode_images(r.images)
+        ids = llm.prompts.token_ids(r.messages, sizes)
+        stream = client.add_request(EngineRequest(f"r{i}", ids, r.sampling,
+                                                  tuple(llm.image_key(b) for b in r.images)))
+        for index, tensor in enumerate(embeds):  # as a vision replica pushes them
+            sender.send_embeddings(client.inbox_address, f"r{i}", index, llm.image_key(r.images[index]), tensor)
+        tokens, text, reason = [], "", None
+        async for out in stream:
+            tokens, text, reason = tokens + out.token_ids, text + out.text, out.finish_reason
+        return tokens, text, reason
+
+    async def main() -> list:
+        return await asyncio.gather(*(one(i) for i in range(len(requests))))
+
+    try:
+        results = asyncio.run(main())
+        assert sorted(recorder.released) == sorted(f"r{i}" for i in range(len(requests)))
+    finally:
+        sender.close()
+        client.close()
+    for (tokens, text, reason), want in zip(results, expected, strict=True):
+        assert tokens == want.token_ids and text == want.text and reason == "length"
+    assert not client.process.is_alive()
+
+
+def test_a_reader_that_leaves_aborts_and_a_bad_request_fails_alone(checkpoints) -> None:
+    path = checkpoints("tiny")
+    recorder = Recorder()
+    client = EngineClient(str(path), CONFIG, recorder.hooks(), "127.0.0.1")
+    params = SamplingParams(temperature=0.0, max_tokens=400, ignore_eos=True)
+
+    async def main() -> tuple[list, list]:
+        long = client.add_request(EngineRequest("long", [5, 6, 7], params))
+        got = []
+        async for out in long:
+            got += out.token_ids
+            if len(got) >= 3:
+                break  # the client went away
+        bad = [o async for o in client.add_request(EngineRequest("bad", [], params))]  # empty prompt
+        return got, bad
+
+    try:
+        got, bad = asyncio.run(main())
+        for _ in range(100):  # the abort and the release travel back from the core
+            if "long" in recorder.released:
+                break
+            time.sleep(0.05)
+        stats = client.stats()
+    finally:
+        client.close()
+    assert len(got) >= 3
+    assert len(bad) == 1 and bad[0].finish_reason == "error" and bad[0].error_type == "invalid_request"
+    assert "empty" in (bad[0].error or "")
+    assert sorted(recorder.released) == ["bad", "long"]
+    assert stats.running == 0 and stats.waiting == 0
+
+
+def test_a_dead_core_ends_every_live_stream_and_releases_them(checkpoints) -> None:
+    path = checkpoints("tiny")
+    recorder = Recorder()
+    client = EngineClient(str(path), CONFIG, recorder.hooks(), "127.0.0.1", liveness_period_s=0.1)
+    params = SamplingParams(temperature=0.0, max_tokens=1000, ignore_eos=True)
+
+    async def main() -> list:
+        streams = [client.add_request(EngineRequest(f"s{i}", [3 + i, 4, 5], params)) for i in range(3)]
+
+        async def drain(stream) -> list:
+            outs = []
+            async for out in stream:
+                outs.append(out)
+                if len(outs) == 2 and out.request_id == "s0":
+                    os.kill(client.pid, signal.SIGKILL)
+            return outs
+
+        return await asyncio.wait_for(asyncio.gather(*(drain(s) for s in streams)), 60)
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        client.close()
+    for outs in results:
+        assert outs[-1].finish_reason == "error" and "engine stopped" in (outs[-1].error or "")
+    assert client.error is not None and sorted(recorder.released) == ["s0", "s1", "s2"]
