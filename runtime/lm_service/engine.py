@@ -23,6 +23,7 @@ from runtime.errors import RequestError
 from runtime.lm_service.kv_cache import PagedLatentCache
 from runtime.lm_service.request_state import EngineRequest, RequestState
 from runtime.lm_service.runner import ImageRows, ModelRunner, StepInput
+from runtime.lm_service.sampling import choose_rows
 from runtime.lm_service.scheduler import ImageSpan, ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 from runtime.models.common import DTYPES
 from runtime.models.config import ModelConfig
@@ -130,6 +131,8 @@ class Engine:
         self._counters = {"prefill_tokens": 0, "generated_tokens": 0, "steps": 0, "dropped_embeddings": 0}
         self._step_ms: deque[float] = deque(maxlen=100)
         self._generated: deque[tuple[float, int]] = deque(maxlen=200)
+        self._generator = torch.Generator()  # draws for the requests without a seed of their own
+        self._generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
@@ -264,14 +267,28 @@ class Engine:
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         logits = logits.cpu()  # per-request generators are CPU generators; rows are small
+        states = [self.states[chunk.seq.request_id] for chunk in chunks]
+        tokens = self._choose(states, logits)
         outputs = []
-        for chunk, row in zip(chunks, logits, strict=True):
-            state = self.states[chunk.seq.request_id]
-            out = state.accept(state.sample(row), row)
+        for state, token, row in zip(states, tokens, logits, strict=True):
+            out = state.accept(token, row)
             if out.finished:
                 self._release(state)
             outputs.append(out)
         return outputs
+
+    def _choose(self, states: list[RequestState], logits: torch.Tensor) -> list[int]:
+        """One token per row: the plain rows (greedy or temperature only, no seed) in one batched
+        draw, the rest each with its own generator and rules."""
+        temperatures = [s.plain_temperature for s in states]
+        plain = [i for i, t in enumerate(temperatures) if t is not None]
+        tokens: list[int | None] = [None] * len(states)
+        if plain:
+            drawn = choose_rows(logits[plain], [temperatures[i] or 0.0 for i in plain], self._generator)
+            for i, token in zip(plain, drawn, strict=True):
+                tokens[i] = token
+        return [t if t is not None else state.sample(logits[i])
+                for i, (state, t) in enumerate(zip(states, tokens, strict=True))]
 
     def _drop_used_embeddings(self, chunks: list[ScheduledChunk]) -> None:
         for chunk in chunks:

@@ -47,6 +47,19 @@ class RequestState:
     def num_output(self) -> int:
         return self.seq.num_tokens - self.seq.prompt_len
 
+    @property
+    def plain_temperature(self) -> float | None:
+        """The temperature (0 = greedy) when this step's choice needs nothing of the request's own:
+        no seed, no top-k / top-p / min-p, no stop ids banned (then the engine samples it together
+        with the other plain rows); None otherwise."""
+        p = self.params
+        if self.num_output < p.min_tokens and self.stop_ids:
+            return None
+        if p.greedy:
+            return 0.0
+        plain = p.seed is None and p.top_k <= 0 and p.top_p >= 1.0 and p.min_p <= 0.0
+        return p.temperature if plain else None
+
     def sample(self, logits: torch.Tensor) -> int:
         """logits [vocab] float32 -> next token (stop ids are banned until min_tokens is reached)."""
         banned = sorted(self.stop_ids) if self.num_output < self.params.min_tokens else []

@@ -41,6 +41,19 @@ def choose(logits: torch.Tensor, params: SamplingParams, generator: torch.Genera
     return int(torch.multinomial(probs / probs.sum(), 1, generator=generator))
 
 
+def choose_rows(logits: torch.Tensor, temperatures: list[float], generator: torch.Generator) -> list[int]:
+    """Plain sampling of many rows at once: logits [B, V] float32, one temperature per row (0 means
+    greedy), no top-k / top-p / min-p. One generator draws for every row, so this serves requests
+    without a seed of their own; a seeded request keeps its own stream through `choose`."""
+    tokens = torch.argmax(logits, dim=-1)
+    temps = torch.tensor(temperatures, dtype=logits.dtype)
+    hot = temps > 0
+    if bool(hot.any()):
+        probs = torch.softmax(logits[hot] / temps[hot, None], dim=-1)
+        tokens[hot] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    return tokens.tolist()
+
+
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:
     """Log-probability of the chosen token and the top_n alternatives, from the raw logits."""
     logp = torch.log_softmax(logits.float(), dim=-1)

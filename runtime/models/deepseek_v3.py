@@ -374,17 +374,28 @@ class RoutedExperts(nn.Module):
         self.act = activation(cfg.hidden_act)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sum of this rank's experts' outputs, each times its routing weight. [T, hidden]."""
+        """Sum of this rank's experts' outputs, each times its routing weight. [T, hidden].
+
+        The (token, choice) pairs routed here are sorted by expert once, so each active expert
+        runs two matmuls over one contiguous slice, and one index_add_ sums them back per token
+        (in ascending expert order, as a loop over experts would)."""
         out = torch.zeros_like(x)
-        local = ids - self.first
-        for e in torch.unique(local).tolist():
-            if not 0 <= e < self.count:
-                continue
-            token_idx, slot = torch.where(local == e)
-            gate, up = F.linear(x[token_idx], self.gate_up_proj[e]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[e])
-            out.index_add_(0, token_idx, (y * weights[token_idx, slot, None]).to(out.dtype))
-        return out
+        local = (ids - self.first).reshape(-1)  # [T * k]
+        mine = torch.nonzero((local >= 0) & (local < self.count)).squeeze(1)
+        if mine.numel() == 0:
+            return out
+        order = mine[torch.argsort(local[mine], stable=True)]  # pairs sorted by expert
+        counts = torch.bincount(local[order], minlength=self.count).tolist()
+        tokens = order // ids.shape[1]
+        xs = x[tokens]  # [pairs, hidden]
+        parts, start = [], 0
+        for e, n in enumerate(counts):
+            if n:
+                gate, up = F.linear(xs[start : start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
+                parts.append(F.linear(self.act(gate) * up, self.down_proj[e]))
+                start += n
+        ys = torch.cat(parts) * weights.reshape(-1)[order, None]
+        return out.index_add_(0, tokens, ys.to(out.dtype))
 
 
 ExpertDispatch = Callable[[RoutedExperts, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]

@@ -37,3 +37,16 @@ def test_suppress_and_logprobs() -> None:
     assert [t for t, _ in lp["top"]] == [1, 2]
     assert lp["logprob"] == pytest.approx(float(torch.log_softmax(LOGITS, -1)[2]))
     assert lp["top"][0][1] == pytest.approx(float(torch.log_softmax(LOGITS, -1)[1]))
+
+
+def test_rows_sampled_together_follow_each_rows_temperature() -> None:
+    from runtime.lm_service.sampling import choose_rows
+
+    logits = torch.stack([LOGITS, LOGITS.flip(0), LOGITS])
+    g = torch.Generator().manual_seed(3)
+    draws = [choose_rows(logits, [0.0, 0.0, 1.0], g) for _ in range(300)]
+    assert {d[0] for d in draws} == {1} and {d[1] for d in draws} == {3}  # greedy rows: argmax
+    third = [d[2] for d in draws]
+    assert set(third) == {0, 1, 2, 3, 4}
+    expected = torch.softmax(LOGITS, -1)  # temperature 1: the row's own distribution
+    assert abs(third.count(1) / 300 - float(expected[1])) < 0.1
