@@ -48,10 +48,10 @@ def board(app_name: str) -> Any:
                               lifetime="detached").remote()
 
 
-def rss_bytes() -> int:
-    """Resident memory of this process (Linux /proc; 0 where unavailable)."""
+def rss_bytes(pid: int | None = None) -> int:
+    """Resident memory of this process, or of `pid` (Linux /proc; 0 where unavailable)."""
     try:
-        with open("/proc/self/statm") as f:
+        with open(f"/proc/{pid or 'self'}/statm") as f:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except (OSError, ValueError, IndexError):
         return 0

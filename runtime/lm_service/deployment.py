@@ -128,7 +128,7 @@ class LMService:
             "healthy": self.engine.error is None,
             "vision_client": asdict(self.vision.stats()),
             "malformed_messages": self._malformed_messages(),
-            "rss_bytes": rss_bytes(),
+            "rss_bytes": rss_bytes() + (rss_bytes(self.engine.pid) if isinstance(self.engine, EngineClient) else 0),
         }
 
     def _malformed_messages(self) -> int:
