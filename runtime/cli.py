@@ -158,10 +158,11 @@ def _serve(args: argparse.Namespace) -> int:
     config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host)
     url = launch.base_url(config)
     launch.check_port_free(config)  # else /health would be answered by whatever holds the port
-    # SIGTERM (kill, a process manager, a background job where SIGINT is ignored) stops it cleanly too.
-    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     os.environ.update(launch.ray_environment(config))  # before Ray starts: its processes inherit them
     ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    # SIGTERM (kill, a process manager, a background job where SIGINT is ignored) stops it cleanly too.
+    # Installed after ray.init, whose own handler would otherwise abort the process on SIGTERM.
+    signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     try:
         start = time.perf_counter()
         launch.deploy(config)
