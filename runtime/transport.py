@@ -124,35 +124,50 @@ def tensor_from_frame(header: EmbeddingHeader, frame: zmq.Frame) -> torch.Tensor
 
 
 class _PullLoop:
-    """One PULL socket bound on a random tcp port, drained by its own thread. A message that cannot
-    be decoded is counted in `malformed`; it must not take the loop down."""
+    """One PULL socket bound on a random tcp port, drained by its own thread (or, with
+    thread_name None, by whoever polls `socket` and calls `drain`). A message that cannot be
+    decoded is counted in `malformed`; it must not take the loop down."""
 
-    def __init__(self, host: str, context: zmq.Context | None, thread_name: str):
-        self._socket = (context or zmq.Context.instance()).socket(zmq.PULL)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self.address = f"tcp://{host}:{self._socket.bind_to_random_port(f'tcp://{host}')}"
+    def __init__(self, host: str, context: zmq.Context | None, thread_name: str | None):
+        self.socket = (context or zmq.Context.instance()).socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.address = f"tcp://{host}:{self.socket.bind_to_random_port(f'tcp://{host}')}"
         self.malformed = 0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if thread_name is not None:
+            self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+            self._thread.start()
 
     def _run(self) -> None:
         poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
+        poller.register(self.socket, zmq.POLLIN)
         while not self._stop.is_set():
             if poller.poll(100):
-                try:
-                    self._handle(self._socket.recv_multipart(copy=False))
-                except (msgspec.DecodeError, ValueError, KeyError):
-                    self.malformed += 1
-        self._socket.close()
+                self.drain()
+        self.socket.close()
+
+    def drain(self) -> None:
+        """Handle every message waiting now, without blocking."""
+        while True:
+            try:
+                frames = self.socket.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            try:
+                self._handle(frames)
+            except (msgspec.DecodeError, ValueError, KeyError):
+                self.malformed += 1
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         raise NotImplementedError
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=5)
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        else:
+            self.socket.close()
 
 
 class EmbeddingInbox(_PullLoop):
@@ -160,9 +175,9 @@ class EmbeddingInbox(_PullLoop):
 
     def __init__(self, on_embeddings: Callable[[EmbeddingHeader, torch.Tensor], None],
                  on_error: Callable[[EncodeError], None], host: str = "127.0.0.1",
-                 context: zmq.Context | None = None):
+                 context: zmq.Context | None = None, thread_name: str | None = "embedding-inbox"):
         self.on_embeddings, self.on_error = on_embeddings, on_error
-        super().__init__(host, context, "embedding-inbox")
+        super().__init__(host, context, thread_name)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         message = _decoder.decode(frames[0].buffer)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from ray import serve
 
+from runtime import serve_compat
 from runtime.errors import RequestError
 from runtime.lm_service.async_engine import AsyncEngine
 from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
@@ -46,6 +47,7 @@ class LMService:
     def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
                  host: str | None = None, vision_client: dict[str, Any] | None = None,
                  rank_resources: dict[str, float] | None = None, engine_process: bool = False):
+        serve_compat.iterate_in_flight_copies()
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
         self.model_dir = model_dir

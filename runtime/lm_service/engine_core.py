@@ -96,10 +96,11 @@ def run_engine_core(spec: CoreSpec) -> None:
         events.send(CoreStats(asdict(snapshot), inbox.malformed if inbox is not None else 0))
 
     loop = EngineLoop(engine, lambda outputs: events.send(CoreOutputs(outputs)), stats)
+    # Drained by the command reader, not a thread of its own: see _read.
     inbox = EmbeddingInbox(lambda h, t: _on_embeddings(loop, h, t), lambda e: _on_error(loop, e), spec.inbox_host,
-                           context)
-    reader = threading.Thread(target=_read_commands, args=(context, spec.commands, loop, events), daemon=True,
-                              name="core-commands")
+                           context, thread_name=None)
+    reader = threading.Thread(target=_read, args=(context, spec.commands, inbox, loop, events), daemon=True,
+                              name="core-reader")
     reader.start()
     events.send(CoreReady(inbox.address, os.getpid()))
     try:
@@ -128,9 +129,17 @@ def _on_error(loop: EngineLoop, error: EncodeError) -> None:
     loop.fail(error.request_id, *encode_failure(error))
 
 
-def _read_commands(context: zmq.Context, address: str, loop: EngineLoop, events: _Events) -> None:
-    socket = context.socket(zmq.PULL)
-    socket.connect(address)
+def _read(context: zmq.Context, address: str, inbox: EmbeddingInbox, loop: EngineLoop, events: _Events) -> None:
+    """One thread reads both sockets, commands first. The replica sends a request's CoreAdd before
+    it asks the vision pool for its images, so by the time the embeddings reach the inbox the add
+    is already waiting on the command socket: draining commands first queues the add before them
+    (two threads, one per socket, could queue them the other way round, and the engine would drop
+    embeddings of a request it does not know yet)."""
+    commands = context.socket(zmq.PULL)
+    commands.connect(address)
+    poller = zmq.Poller()
+    poller.register(commands, zmq.POLLIN)
+    poller.register(inbox.socket, zmq.POLLIN)
     handlers: dict[type, Any] = {
         CoreAdd: lambda m: loop.admit(EngineRequest(m.request_id, m.prompt_ids, m.sampling, tuple(m.image_hashes))),
         CoreAbort: lambda m: loop.abort(m.request_id),
@@ -139,10 +148,16 @@ def _read_commands(context: zmq.Context, address: str, loop: EngineLoop, events:
             m.request_id, m.image_indexes, lambda lost: events.send(CoreMissing(m.token, lost))),
     }
     while True:
-        message = _command_decoder.decode(socket.recv())
-        if isinstance(message, CoreShutdown):
-            loop.closed = True
-            loop.command(lambda: None)  # wake the loop so that it sees `closed`
-            socket.close()
-            return
-        handlers[type(message)](message)
+        poller.poll()
+        while True:
+            try:
+                message = _command_decoder.decode(commands.recv(zmq.NOBLOCK))
+            except zmq.Again:
+                break
+            if isinstance(message, CoreShutdown):
+                loop.closed = True
+                loop.command(lambda: None)  # wake the loop so that it sees `closed`
+                commands.close()
+                return
+            handlers[type(message)](message)
+        inbox.drain()

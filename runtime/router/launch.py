@@ -60,8 +60,9 @@ def ray_environment(config: dict[str, Any]) -> dict[str, str]:
     before `ray.init`; on a cluster, export them before `ray start`. What they change, measured at
     16 concurrent streams (bench/README.md): the Router replica serves HTTP itself on its own port
     (direct ingress: no hop through Serve's proxy, which still answers on the configured port and
-    balances over Router replicas), handles between deployments use gRPC, user code runs on the
-    replica's main event loop, and request logs are buffered. Direct-ingress ports are the configured
+    balances over Router replicas), handles between deployments use gRPC (see runtime.serve_compat
+    for the Ray bug that needs a workaround then), user code runs on the replica's main event loop,
+    and request logs are buffered. Direct-ingress ports are the configured
     port + 1 onward (one per Router replica on a node), and a replica drains for 2 s when it stops
     instead of 30 (a local server has no external load balancer to notice it leaving)."""
     port = int(config.get("http_options", {}).get("port", 8000))
@@ -81,14 +82,18 @@ def direct_url(config: dict[str, Any]) -> str:
 
 
 def check_port_free(config: dict[str, Any]) -> None:
-    """Raise if the HTTP address is taken (another server would answer our readiness checks)."""
+    """Raise if a live process listens on the HTTP port or on the direct-ingress port after it
+    (another server would answer our readiness checks). Sockets of a server that just stopped
+    (TIME_WAIT) do not count: servers bind with address reuse, and so does this check."""
     http = config.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-    with socket.socket() as s:
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise RuntimeServingError(f"{host}:{port} is already in use ({e.strerror}); pass --port") from e
+    for p in (port, port + 1):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, p))
+            except OSError as e:
+                raise RuntimeServingError(f"{host}:{p} is already in use ({e.strerror}); pass --port") from e
 
 
 def deploy(config: dict[str, Any]) -> Any:

@@ -12,6 +12,7 @@ request's KV blocks and releases its vision references.
 import asyncio
 import dataclasses
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -21,6 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
 
+from runtime import serve_compat
 from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
@@ -30,6 +32,8 @@ from runtime.router.fetch import ImageFetcher
 from runtime.router.metrics import RequestTimer, RouterMetrics, prometheus_text
 from runtime.router.prepare import RequestPreparer
 from runtime.stats_board import board
+
+log = logging.getLogger("ray.serve")
 
 http = FastAPI(title="kimi-runtime", docs_url=None, redoc_url=None)
 
@@ -53,6 +57,7 @@ class _ReplicaLost(Exception):
 @serve.ingress(http)
 class Router:
     def __init__(self, config: dict[str, Any], model_dir: str, lm: Any, vision: Any):
+        serve_compat.iterate_in_flight_copies()
         self.config = AppConfig.model_validate(config)
         self.model = self.config.name
         self.lm, self.vision = lm, vision
@@ -250,9 +255,11 @@ class Router:
                 timer.tokens(len(out.token_ids))
                 done.add(out)
         except TimeoutError:
+            log.warning("request %s timed out", gen.request_id, exc_info=True)
             return self._error(api.ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s",
                                             "timeout_error"))
         except Exception as e:
+            log.exception("request %s failed", gen.request_id)
             return self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
         assert done.last is not None
         if done.last.finish_reason == "error":

@@ -4,6 +4,7 @@ requests finish, and the new replicas take work."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -68,6 +69,20 @@ def _burst(served, n: int, seed: int) -> list[int]:
             f"burst {i}", [png(84, 84, seed=seed + i)], max_tokens=64)).status_code, range(n)))
 
 
+def _until_every_replica_works(served, pool: str, work, seed: int, timeout_s: float = 30) -> dict:
+    """Bursts of 8 until every replica of the pool did some work, or the deadline. A new replica
+    reaches the handles that call it through a long poll (and stats are posted every 0.25 s), so
+    the first burst after it is RUNNING may all go to the old one."""
+    deadline = time.monotonic() + timeout_s
+    for burst in itertools.count():
+        assert _burst(served, 8, seed=seed + 8 * burst) == [200] * 8
+        time.sleep(0.5)
+        done = {r: work(s) for r, s in served.stats()[pool].items()}
+        if all(d > 0 for d in done.values()) or time.monotonic() > deadline:
+            return done
+    raise AssertionError("unreachable")
+
+
 def test_scale_vision_then_lm_without_touching_the_other_pool(app) -> None:
     served, args = app
     lm_before = set(_replicas(served, "lm", 1))
@@ -82,8 +97,7 @@ def test_scale_vision_then_lm_without_touching_the_other_pool(app) -> None:
     assert [f.result(timeout=300) for f in running] == [(200, "length")] * 4
     pool.shutdown()
 
-    assert _burst(served, 8, seed=600) == [200] * 8
-    misses = {r: s["cache"]["misses"] for r, s in served.stats()["vision"].items()}
+    misses = _until_every_replica_works(served, "vision", lambda s: s["cache"]["misses"], seed=600)
     assert all(m > 0 for m in misses.values()), f"a vision replica got no work: {misses}"
 
     pool, running = _long_requests(served, 4, seed=700)
@@ -95,8 +109,7 @@ def test_scale_vision_then_lm_without_touching_the_other_pool(app) -> None:
     assert [f.result(timeout=300) for f in running] == [(200, "length")] * 4
     pool.shutdown()
 
-    assert _burst(served, 8, seed=800) == [200] * 8
-    generated = {r: s["engine"]["generated_tokens"] for r, s in served.stats()["lm"].items()}
+    generated = _until_every_replica_works(served, "lm", lambda s: s["engine"]["generated_tokens"], seed=800)
     assert all(g > 0 for g in generated.values()), f"an LM replica got no work: {generated}"
 
     stats = served.wait_drained()
