@@ -46,3 +46,11 @@ def test_tiny_is_built_into_the_cache_dir_once(tmp_path) -> None:
     assert (path / "config.json").is_file() and path == (tmp_path / "tiny").resolve()
     stamp = (path / "config.json").stat().st_mtime_ns
     assert config.resolve_model_dir() == path and (path / "config.json").stat().st_mtime_ns == stamp
+
+
+def test_the_engine_steps_in_its_own_process_unless_expert_parallel() -> None:
+    assert AppConfig.model_validate({}).engine.separate_process
+    assert not AppConfig.model_validate({"engine": {"ep_size": 2}}).engine.separate_process
+    assert not AppConfig.model_validate({"engine": {"engine_process": False}}).engine.separate_process
+    with pytest.raises(ValidationError, match="engine_process needs ep_size 1"):
+        AppConfig.model_validate({"engine": {"ep_size": 2, "engine_process": True}})
