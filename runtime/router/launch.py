@@ -17,6 +17,7 @@ import yaml
 from runtime.errors import RuntimeServingError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "deploy" / "local.yaml"
+DIRECT_PORT_OFFSET = 1  # the first Router replica's own HTTP port, after the proxy's (ray_environment)
 
 
 def load_config(path: str | Path = DEFAULT_CONFIG, model: str | None = None, port: int | None = None,
@@ -68,17 +69,15 @@ def ray_environment(config: dict[str, Any]) -> dict[str, str]:
     port = int(config.get("http_options", {}).get("port", 8000))
     return {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + 1),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 100),
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + DIRECT_PORT_OFFSET),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + DIRECT_PORT_OFFSET + 99),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
 
 
 def direct_url(config: dict[str, Any]) -> str:
     """Where the first Router replica answers HTTP itself (see ray_environment)."""
-    http = config.get("http_options", {})
-    prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
-    return f"http://{http.get('host', '127.0.0.1')}:{int(http.get('port', 8000)) + 1}{prefix}"
+    return base_url(config, DIRECT_PORT_OFFSET)
 
 
 def check_port_free(config: dict[str, Any]) -> None:
@@ -87,7 +86,7 @@ def check_port_free(config: dict[str, Any]) -> None:
     (TIME_WAIT) do not count: servers bind with address reuse, and so does this check."""
     http = config.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
-    for p in (port, port + 1):
+    for p in (port, port + DIRECT_PORT_OFFSET):
         with socket.socket() as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -107,10 +106,10 @@ def deploy(config: dict[str, Any]) -> Any:
     return client
 
 
-def base_url(config: dict[str, Any]) -> str:
+def base_url(config: dict[str, Any], port_offset: int = 0) -> str:
     http = config.get("http_options", {})
     prefix = config["applications"][0].get("route_prefix", "/").rstrip("/")
-    return f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}{prefix}"
+    return f"http://{http.get('host', '127.0.0.1')}:{int(http.get('port', 8000)) + port_offset}{prefix}"
 
 
 def wait_ready(url: str, timeout_s: float = 300) -> None:
