@@ -92,14 +92,18 @@ def run_engine_core(spec: CoreSpec) -> None:
         raise
     inbox: EmbeddingInbox | None = None
 
-    def stats(snapshot: EngineStats) -> None:
+    early: _EarlyArrivals | None = None
+
+    def stats(snapshot: EngineStats) -> None:  # on the loop's thread, every stats period
+        if early is not None:
+            early.expire()
         events.send(CoreStats(asdict(snapshot), inbox.malformed if inbox is not None else 0))
 
     loop = EngineLoop(engine, lambda outputs: events.send(CoreOutputs(outputs)), stats)
+    early = _EarlyArrivals(loop)
     # Drained by the command reader, not a thread of its own: see _read.
-    inbox = EmbeddingInbox(lambda h, t: _on_embeddings(loop, h, t), lambda e: _on_error(loop, e), spec.inbox_host,
-                           context, thread_name=None)
-    reader = threading.Thread(target=_read, args=(context, spec.commands, inbox, loop, events), daemon=True,
+    inbox = EmbeddingInbox(early.embeddings, early.error, spec.inbox_host, context, thread_name=None)
+    reader = threading.Thread(target=_read, args=(context, spec.commands, inbox, loop, early, events), daemon=True,
                               name="core-reader")
     reader.start()
     events.send(CoreReady(inbox.address, os.getpid()))
@@ -113,6 +117,11 @@ def run_engine_core(spec: CoreSpec) -> None:
         events.socket.close()
 
 
+def _admit(loop: EngineLoop, early: _EarlyArrivals, add: CoreAdd) -> None:
+    loop.admit(EngineRequest(add.request_id, add.prompt_ids, add.sampling, tuple(add.image_hashes)))
+    early.admitted(add.request_id)
+
+
 def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
     """A replica killed outright (SIGKILL, OOM) cannot stop its core: the core notices it was
     orphaned and exits, so a replaced replica leaves no engine behind."""
@@ -121,27 +130,66 @@ def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
     os._exit(1)
 
 
-def _on_embeddings(loop: EngineLoop, header: EmbeddingHeader, tensor: torch.Tensor) -> None:
-    loop.add_embeddings(header.request_id, header.image_index, tensor)
+class _EarlyArrivals:
+    """What the vision pool pushed for a request whose add has not been applied yet.
+
+    The add comes on the command socket and the images on the inbox, and nothing orders two
+    sockets: the replica sends the add before it asks for the images, but under load (or from a
+    fast sender) the embeddings can still be read first, and an engine that does not know the
+    request drops them; the request would then wait for them until the arrival timeout. So
+    arrivals for an unknown request are held, applied right after its add, and dropped (counted,
+    as the engine counts late embeddings) after `ttl_s` if no add came: those were late, for a
+    request that had already ended. Everything here runs on the loop's thread, inside commands."""
+
+    def __init__(self, loop: EngineLoop, ttl_s: float = 30.0):
+        self.loop, self.ttl_s = loop, ttl_s
+        self._held: dict[str, list[tuple[float, EmbeddingHeader | EncodeError, torch.Tensor | None]]] = {}
+
+    def embeddings(self, header: EmbeddingHeader, tensor: torch.Tensor) -> None:  # the reader's thread
+        self.loop.command(lambda: self._arrive(header, tensor))
+
+    def error(self, error: EncodeError) -> None:  # the reader's thread
+        self.loop.command(lambda: self._arrive(error, None))
+
+    def admitted(self, request_id: str) -> None:  # the reader's thread, right after queuing the add
+        self.loop.command(lambda: self._release(request_id))
+
+    def expire(self) -> None:
+        cutoff = time.monotonic() - self.ttl_s
+        for request_id in [r for r, held in self._held.items() if held[0][0] < cutoff]:
+            for _, message, tensor in self._held.pop(request_id):
+                if tensor is not None:  # unknown to the engine: dropped and counted there
+                    self.loop.engine.add_embeddings(request_id, message.image_index, tensor)
+
+    def _release(self, request_id: str) -> None:
+        for _, message, tensor in self._held.pop(request_id, []):
+            self._apply(message, tensor)
+
+    def _arrive(self, message: EmbeddingHeader | EncodeError, tensor: torch.Tensor | None) -> None:
+        if message.request_id in self.loop.engine.states:
+            self._apply(message, tensor)
+        else:
+            self._held.setdefault(message.request_id, []).append((time.monotonic(), message, tensor))
+
+    def _apply(self, message: EmbeddingHeader | EncodeError, tensor: torch.Tensor | None) -> None:
+        if isinstance(message, EncodeError):
+            self.loop.engine.fail(message.request_id, *encode_failure(message))
+        elif tensor is not None:
+            self.loop.engine.add_embeddings(message.request_id, message.image_index, tensor)
 
 
-def _on_error(loop: EngineLoop, error: EncodeError) -> None:
-    loop.fail(error.request_id, *encode_failure(error))
-
-
-def _read(context: zmq.Context, address: str, inbox: EmbeddingInbox, loop: EngineLoop, events: _Events) -> None:
-    """One thread reads both sockets, commands first. The replica sends a request's CoreAdd before
-    it asks the vision pool for its images, so by the time the embeddings reach the inbox the add
-    is already waiting on the command socket: draining commands first queues the add before them
-    (two threads, one per socket, could queue them the other way round, and the engine would drop
-    embeddings of a request it does not know yet)."""
+def _read(context: zmq.Context, address: str, inbox: EmbeddingInbox, loop: EngineLoop, early: _EarlyArrivals,
+          events: _Events) -> None:
+    """One thread reads both sockets, commands first: the replica sends a request's CoreAdd before
+    it asks the vision pool for its images, so the add is usually queued before them; what still
+    comes first waits in _EarlyArrivals."""
     commands = context.socket(zmq.PULL)
     commands.connect(address)
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
     poller.register(inbox.socket, zmq.POLLIN)
     handlers: dict[type, Any] = {
-        CoreAdd: lambda m: loop.admit(EngineRequest(m.request_id, m.prompt_ids, m.sampling, tuple(m.image_hashes))),
+        CoreAdd: lambda m: _admit(loop, early, m),
         CoreAbort: lambda m: loop.abort(m.request_id),
         CoreFail: lambda m: loop.fail(m.request_id, m.message, m.error_type),
         CoreWhenMissing: lambda m: loop.when_missing(

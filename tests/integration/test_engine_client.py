@@ -130,3 +130,31 @@ def test_a_dead_core_ends_every_live_stream_and_releases_them(checkpoints) -> No
     for outs in results:
         assert outs[-1].finish_reason == "error" and "engine stopped" in (outs[-1].error or "")
     assert client.error is not None and sorted(recorder.released) == ["s0", "s1", "s2"]
+
+
+def test_embeddings_that_arrive_before_their_request_are_held_for_it(checkpoints) -> None:
+    # The add travels on the command socket, the images on the inbox: nothing orders the two.
+    path = checkpoints("tiny")
+    request = next(r for r in mixed(12, seed=23) if r.images)
+    llm = OfflineLLM(path, CONFIG)
+    expected = llm.generate(request, "ref")
+    embeds, sizes = llm.encode_images(request.images)
+    ids = llm.prompts.token_ids(request.messages, sizes)
+    client = EngineClient(str(path), CONFIG, Recorder().hooks(), "127.0.0.1")
+    sender = EmbeddingSender("vision-test")
+
+    async def main() -> list[int]:
+        for index, tensor in enumerate(embeds):
+            sender.send_embeddings(client.inbox_address, "early", index, llm.image_key(request.images[index]), tensor)
+        await asyncio.sleep(0.5)  # the core has read them, for a request it does not know yet
+        stream = client.add_request(EngineRequest("early", ids, request.sampling,
+                                                  tuple(llm.image_key(b) for b in request.images)))
+        return [t async for out in stream for t in out.token_ids]
+
+    try:
+        tokens = asyncio.run(asyncio.wait_for(main(), 60))
+        dropped = client.stats().dropped_embeddings
+    finally:
+        sender.close()
+        client.close()
+    assert tokens == expected.token_ids and dropped == 0
