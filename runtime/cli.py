@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--config", default=None, help="deploy YAML (default: the repository's deploy/local.yaml)")
     srv.add_argument("--port", type=int, default=None, help="HTTP port (default: the config's, 8000)")
     srv.add_argument("--host", default=None, help="HTTP address (default: the config's, 127.0.0.1)")
+    srv.add_argument("--served-model-name", nargs="+", default=None,
+                     help="the names clients use for the model (default: --model as given, and its folder's name)")
     srv.add_argument("--once", action="store_true",
                      help="send one request with an image over HTTP, print the answer and stop")
 
@@ -155,7 +157,8 @@ def _serve(args: argparse.Namespace) -> int:
 
     from runtime.router import launch
 
-    config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host)
+    names = {"served_model_name": args.served_model_name} if args.served_model_name else {}
+    config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host, names)
     url = launch.base_url(config)
     launch.check_port_free(config)  # else /health would be answered by whatever holds the port
     os.environ.update(launch.ray_environment(config))  # before Ray starts: its processes inherit them

@@ -84,7 +84,8 @@ class ImageUrlArgs(_Section):
 
 class AppConfig(_Section):
     model: str = Field(TINY, description="checkpoint directory, or 'tiny' for the embedded default")
-    served_model_name: str | None = None
+    served_model_name: list[str] | None = Field(
+        None, description="the names clients use for the model (default: `model` as given, and its folder's name)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "cpu"
     cache_dir: str = "~/.cache/kimi-runtime"
@@ -103,9 +104,33 @@ class AppConfig(_Section):
                              "embedded default")
         return v
 
+    @field_validator("served_model_name", mode="before")
+    @classmethod
+    def _names_as_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("served_model_name")
+    @classmethod
+    def _names_not_empty(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and (not v or not all(v)):
+            raise ValueError("served_model_name must be a non-empty name or list of names")
+        return v
+
+    @property
+    def served_names(self) -> list[str]:
+        """The names /v1/models lists, the first one answering in every response (as vLLM does:
+        `model` as given, a path for a directory, unless served_model_name replaces it)."""
+        return list(self.served_model_name or [self.model])
+
     @property
     def name(self) -> str:
-        return self.served_model_name or (TINY if self.model == TINY else Path(self.model).name)
+        return self.served_names[0]
+
+    def serves(self, name: str) -> bool:
+        """Whether a request's `model` names this model: a served name, or the folder's name when
+        served_model_name is not set."""
+        aliases = [] if self.served_model_name else [Path(self.model).name]
+        return name in self.served_names or name in aliases
 
     def resolve_model_dir(self) -> Path:
         """The checkpoint directory; for 'tiny', built into cache_dir on first use (no download)."""

@@ -31,6 +31,9 @@ class SamplingParams(msgspec.Struct, tag="sampling", frozen=True):
     logprobs: bool = False
     top_logprobs: int = 0
     skip_special_tokens: bool = True
+    # Log-probabilities of the prompt's own tokens (positions 1..n-1) and this many alternatives
+    # each, computed in the prefill; None: not wanted. Such a request skips the prefix cache.
+    prompt_logprobs: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -57,6 +60,9 @@ class RequestOutput(msgspec.Struct, tag="request_output"):
     # With finish_reason "error": "invalid_request" (the client's fault: a bad image), "timeout",
     # or "internal".
     error_type: str | None = None
+    # On the request's first output when SamplingParams.prompt_logprobs is set: one entry per
+    # prompt position 1..n-1 (position 0 has no logprob).
+    prompt_logprobs: list[TokenLogprob] | None = None
 
 
 # --- vision pool -> LM replica, over ZMQ (a header frame, then the raw tensor frame) ----------

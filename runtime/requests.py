@@ -15,9 +15,81 @@ from typing import Any
 from runtime.errors import RequestError
 from runtime.protocol import SamplingParams
 
-__all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "parse_chat_request", "parse_sampling"]
+__all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "check_fields", "parse_chat_request", "parse_count",
+           "parse_prompts", "parse_sampling"]
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
+MAX_N = 16  # choices per prompt (n)
+MAX_PROMPTS = 64  # prompts in one /v1/completions request
+
+# Every body field each endpoint acts on; anything else is refused with a 400 naming it, so no
+# field is ever accepted and silently ignored. `user` is an opaque end-user id (metadata).
+_COMMON_FIELDS = {
+    "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
+    "ignore_eos", "min_tokens", "logprobs", "n", "stream", "stream_options", "return_token_ids",
+    "skip_special_tokens", "user", "presence_penalty", "frequency_penalty", "repetition_penalty",
+}
+SUPPORTED_FIELDS: dict[str, frozenset[str]] = {
+    "chat": frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
+                                        "tools", "tool_choice", "response_format"}),
+    "completions": frozenset(_COMMON_FIELDS | {"prompt", "echo"}),
+    # vLLM's /tokenize (a prompt, or chat messages rendered as for /v1/chat/completions) and /detokenize.
+    "tokenize": frozenset({"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
+                           "add_generation_prompt", "chat_template_kwargs", "tools"}),
+    "detokenize": frozenset({"model", "tokens"}),
+}
+ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "tokenize": "/tokenize",
+                  "detokenize": "/detokenize"}
+# Fields accepted only at the value that means "off": the runtime implements no penalties.
+_NEUTRAL_VALUES: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1}
+
+
+def check_fields(body: dict[str, Any], endpoint: str) -> None:
+    """Refuse any field this endpoint does not implement, and the penalty fields at any value but off."""
+    unknown = sorted(k for k in body if k not in SUPPORTED_FIELDS[endpoint])
+    if unknown:
+        path = ENDPOINT_PATHS[endpoint]
+        raise RequestError(f"{unknown[0]} is not supported by {path} (supported fields: "
+                           f"{', '.join(sorted(SUPPORTED_FIELDS[endpoint]))})", unknown[0])
+    for name, neutral in _NEUTRAL_VALUES.items():
+        if body.get(name) not in (None, neutral):
+            raise RequestError(f"{name} is not supported (only {neutral}, which applies no penalty)", name)
+    if body.get("add_generation_prompt") is False:
+        raise RequestError("add_generation_prompt false is not supported: prompts end with the assistant's turn "
+                           "opened, as /v1/chat/completions renders them", "add_generation_prompt")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise RequestError("response_format other than {'type': 'text'} is not supported yet", "response_format")
+    tool_choice = body.get("tool_choice")
+    if tool_choice not in (None, "auto", "none"):
+        raise RequestError("tool_choice 'required' or a named function needs constrained decoding, which this "
+                           "server does not do yet; use 'auto' or 'none'", "tool_choice")
+
+
+def parse_prompts(prompt: Any, vocab_size: int, name: str = "prompt") -> list[str | list[int]]:
+    """/v1/completions' prompt: a string, a list of token ids, or a list of either (one choice
+    each). Token ids are checked against the vocabulary here; strings are tokenized by the caller."""
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(_is_id(t) for t in prompt)):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt or len(prompt) > MAX_PROMPTS:
+        raise RequestError(f"{name} must be a non-empty string, a list of token ids, or a list of at most "
+                           f"{MAX_PROMPTS} of either", name)
+    for i, p in enumerate(prompt):
+        if isinstance(p, str) and p:
+            continue
+        if not (isinstance(p, list) and p and all(_is_id(t) and t < vocab_size for t in p)):
+            raise RequestError(f"{name}[{i}] must be a non-empty string or a non-empty list of token ids in "
+                               f"[0, {vocab_size})", name)
+    return prompt
+
+
+def _is_id(t: Any) -> bool:
+    return isinstance(t, int) and not isinstance(t, bool) and t >= 0
+
+
+def parse_count(body: dict[str, Any]) -> int:
+    """n: how many choices to sample for each prompt."""
+    return _int(body.get("n", 1) if body.get("n") is not None else 1, "n", low=1, high=MAX_N)
 
 
 @dataclass(frozen=True)
@@ -139,18 +211,18 @@ def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
 # --- sampling ----------------------------------------------------------------------------------
 
 
-def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: RequestLimits) -> SamplingParams:
+def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: RequestLimits,
+                   prompt_logprobs: int | None = None, fewest_tokens: int = 1) -> SamplingParams:
+    """fewest_tokens: the smallest max_tokens allowed (0 only where the prompt alone is an answer:
+    completions' echo)."""
     def get(key: str, fallback: Any) -> Any:
         value = body.get(key)
         return defaults.get(key, fallback) if value is None else value
 
-    n = body.get("n", 1)
-    if n != 1:
-        raise RequestError("only n=1 is supported", "n")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     field_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     params = SamplingParams(
-        max_tokens=None if max_tokens is None else _int(max_tokens, field_name, low=1),
+        max_tokens=None if max_tokens is None else _int(max_tokens, field_name, low=fewest_tokens),
         temperature=_float(get("temperature", 1.0), "temperature", 0.0, 2.0),
         top_p=_float(get("top_p", 1.0), "top_p", 0.0, 1.0, low_open=True),
         top_k=_int(get("top_k", 0), "top_k", low=-1),
@@ -165,6 +237,7 @@ def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
         logprobs=_bool(body.get("logprobs", False), "logprobs"),
         top_logprobs=_int(body.get("top_logprobs") or 0, "top_logprobs", low=0, high=20),
         skip_special_tokens=_bool(body.get("skip_special_tokens", True), "skip_special_tokens"),
+        prompt_logprobs=prompt_logprobs,
     )
     if params.max_tokens is not None and params.min_tokens > params.max_tokens:
         raise RequestError("min_tokens must not exceed max_tokens", "min_tokens")

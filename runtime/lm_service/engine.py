@@ -158,7 +158,8 @@ class Engine:
             raise RequestError(f"request id {request.request_id!r} is already live", "request_id")
         spans = self._image_spans(request)
         max_tokens = self._max_tokens(request)
-        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), spans)
+        seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), spans,
+                       reads_prefix_cache=request.params.prompt_logprobs is None)
         self.states[request.request_id] = RequestState(request, seq, max_tokens, self.eos_token_ids, self.tokenizer)
         self.embeddings[request.request_id] = {}
         self.scheduler.add(seq)
@@ -253,8 +254,11 @@ class Engine:
         if not plan.chunks:
             return outputs
         logits = self.runner.execute([self._step_input(c) for c in plan.chunks])
+        for index, logprobs in logits.prompt.items():
+            chunk = plan.chunks[index]
+            self.states[chunk.seq.request_id].add_prompt_logprobs(chunk.start, logprobs)
         self.scheduler.on_computed(plan)
-        outputs += self._sample([c for c in plan.chunks if c.samples], logits)
+        outputs += self._sample([c for c in plan.chunks if c.samples], logits.sampled)
         self._drop_used_embeddings(plan.chunks)
         self._record(plan.chunks, outputs, started)
         return outputs
@@ -263,7 +267,9 @@ class Engine:
         seq, end = chunk.seq, chunk.start + chunk.num_tokens
         stored = self.embeddings[seq.request_id]
         images = [ImageRows(span.start, stored[i]) for i, span in seq.images_overlapping(chunk.start, end)]
-        return StepInput(seq.token_ids[chunk.start : end], seq.table.block_ids, chunk.start, chunk.samples, images)
+        state = self.states[seq.request_id]
+        return StepInput(seq.token_ids[chunk.start : end], seq.table.block_ids, chunk.start, chunk.samples, images,
+                         state.prompt_targets(chunk.start, end), state.params.prompt_logprobs or 0)
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         logits = logits.cpu()  # per-request generators are CPU generators; rows are small
@@ -271,7 +277,7 @@ class Engine:
         tokens = self._choose(states, logits)
         outputs = []
         for state, token, row in zip(states, tokens, logits, strict=True):
-            out = state.accept(token, row)
+            out = state.accept(token, row) if state.max_tokens else state.finish_prompt_only()
             if out.finished:
                 self._release(state)
             outputs.append(out)

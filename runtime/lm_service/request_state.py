@@ -38,6 +38,22 @@ class RequestState:
         self.generator = new_generator(self.params)
         self.detok = (IncrementalDetokenizer(tokenizer, self.params.skip_special_tokens, self.params.stop)
                       if tokenizer is not None else None)
+        # Logprobs of prompt positions 1, 2, ... gathered chunk by chunk; handed out once, with the
+        # first output (None once sent, or when not wanted).
+        self.prompt_logprobs: list[TokenLogprob] | None = [] if self.params.prompt_logprobs is not None else None
+
+    def prompt_targets(self, start: int, end: int) -> list[int]:
+        """The prompt ids that positions [start, end) predict and whose logprobs are still missing."""
+        if self.prompt_logprobs is None or start > len(self.prompt_logprobs):
+            return []
+        last = min(end, self.seq.prompt_len - 1)  # position p predicts token p + 1 of the prompt
+        return self.seq.token_ids[start + 1 : last + 1]
+
+    def add_prompt_logprobs(self, start: int, logprobs: list[TokenLogprob]) -> None:
+        """Record positions start, start+1, ... (a recompute after preemption repeats known ones)."""
+        if self.prompt_logprobs is not None:
+            known = len(self.prompt_logprobs)
+            self.prompt_logprobs += logprobs[known - start :]
 
     @property
     def request_id(self) -> str:
@@ -65,6 +81,10 @@ class RequestState:
         banned = sorted(self.stop_ids) if self.num_output < self.params.min_tokens else []
         return choose(suppress(logits, banned), self.params, self.generator)
 
+    def finish_prompt_only(self) -> RequestOutput:
+        """max_tokens 0: the prefill ran (for its prompt logprobs) and nothing is generated."""
+        return self.output([], "", "length")
+
     def accept(self, token: int, logits: torch.Tensor | None) -> RequestOutput:
         """Record the sampled token; return this step's delta (finished when a stop rule fired)."""
         self.seq.token_ids.append(token)
@@ -88,6 +108,7 @@ class RequestState:
     def output(self, token_ids: list[int], text: str, reason: str | None,
                logprobs: list[TokenLogprob] | None = None, error: str | None = None,
                error_type: str | None = None) -> RequestOutput:
+        prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return RequestOutput(
             request_id=self.request_id,
             token_ids=token_ids,
@@ -100,4 +121,5 @@ class RequestState:
             completion_tokens=self.num_output,
             cached_tokens=min(self.seq.prefix_hit_tokens, self.seq.prompt_len),
             error_type=error_type,
+            prompt_logprobs=prompt_logprobs if error is None else None,
         )

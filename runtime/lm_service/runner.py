@@ -14,6 +14,9 @@ import torch
 from runtime.lm_service.kv_cache import PagedBatch, PagedLatentCache, SequenceChunk
 from runtime.models.config import ModelConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
+from runtime.protocol import TokenLogprob
+
+_LOGPROB_ROWS = 256  # prompt rows turned into [rows, vocab] logits at a time
 
 
 @dataclass
@@ -31,6 +34,16 @@ class StepInput:
     start: int
     samples: bool
     images: list[ImageRows] = field(default_factory=list)  # images overlapping this chunk
+    # Prompt logprobs: the ids that positions start, start+1, ... predict (a prefix of the chunk's
+    # rows), and how many alternatives to report for each.
+    logprob_targets: Sequence[int] = ()
+    logprob_top: int = 0
+
+
+@dataclass
+class StepLogits:
+    sampled: torch.Tensor  # [inputs that sample, vocab] float32, in input order
+    prompt: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # input index -> its targets' logprobs
 
 
 class ModelRunner:
@@ -43,15 +56,36 @@ class ModelRunner:
         self.batch_decodes = batch_decodes
 
     @torch.inference_mode()
-    def execute(self, inputs: Sequence[StepInput]) -> torch.Tensor:
-        """Logits [number of inputs that sample, vocab] in float32, in input order."""
+    def execute(self, inputs: Sequence[StepInput]) -> StepLogits:
+        """The sampling rows' logits, and the prompt logprobs the inputs asked for."""
         embeds = self.input_embeddings(inputs)
         chunks = [SequenceChunk(i.block_ids, i.start, len(i.token_ids)) for i in inputs]
         if self.before_forward is not None:
             self.before_forward(embeds.shape[0])
         hidden = self.lm(embeds, PagedBatch(self.cache, chunks, self.batch_decodes))
         ends = torch.tensor(_sample_rows(inputs), dtype=torch.long, device=self.device)
-        return self.lm.logits(hidden[ends]).float()
+        step = StepLogits(self.lm.logits(hidden[ends]).float())
+        row = 0
+        for index, item in enumerate(inputs):
+            if item.logprob_targets:
+                rows = hidden[row : row + len(item.logprob_targets)]
+                step.prompt[index] = self.token_logprobs(rows, item.logprob_targets, item.logprob_top)
+            row += len(item.token_ids)
+        return step
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprob]:
+        """Logprob of targets[i] under row i's distribution, and the top alternatives. hidden [n, H];
+        logits are made a slice of rows at a time so a long prompt never holds [n, vocab] at once."""
+        out: list[TokenLogprob] = []
+        wanted = torch.tensor(list(targets), dtype=torch.long, device=self.device)
+        for lo in range(0, hidden.shape[0], _LOGPROB_ROWS):
+            logp = torch.log_softmax(self.lm.logits(hidden[lo : lo + _LOGPROB_ROWS]).float(), dim=-1)
+            chosen = logp.gather(1, wanted[lo : lo + _LOGPROB_ROWS, None]).squeeze(1).tolist()
+            best = torch.topk(logp, top) if top else None
+            for i, lp in enumerate(chosen):
+                alts = [] if best is None else list(zip(best.indices[i].tolist(), best.values[i].tolist(), strict=True))
+                out.append(TokenLogprob(int(wanted[lo + i]), lp, alts))
+        return out
 
     def input_embeddings(self, inputs: Sequence[StepInput]) -> torch.Tensor:
         """[T, hidden]. Placeholder ids (image and video) embed as token 0, as in the reference model,

@@ -54,6 +54,8 @@ class Sequence:
     table: BlockTable = field(default_factory=BlockTable)
     prefix_hit_tokens: int = 0
     num_preemptions: int = 0
+    # False when every prompt position must be computed (its prompt logprobs are wanted).
+    reads_prefix_cache: bool = True
 
     @property
     def num_tokens(self) -> int:
@@ -157,7 +159,8 @@ class Scheduler:
                 break
             if not seq.images_ready:
                 continue
-            hit = self._take_prefix(seq) if seq.num_computed == 0 and self.config.prefix_caching else 0
+            reads_cache = self.config.prefix_caching and seq.reads_prefix_cache
+            hit = self._take_prefix(seq) if seq.num_computed == 0 and reads_cache else 0
             n = min(seq.num_tokens - seq.num_computed, budget)
             need = self._blocks_needed(seq, n)
             if need > self.pool.num_free:

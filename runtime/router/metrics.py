@@ -63,16 +63,13 @@ class RouterMetrics:
                 "ttft_s": self.ttft.snapshot(), "tpot_s": self.tpot.snapshot(), "e2e_s": self.e2e.snapshot()}
 
 
-def prometheus_text(stats: dict[str, Any]) -> str:
-    """Prometheus text format (0.0.4) from the router's /stats document."""
+def prometheus_text(stats: dict[str, Any], model: str = "") -> str:
+    """Prometheus text format (0.0.4) from the router's /stats document: our kimi_* metrics, and
+    vLLM's names for those that mean the same (so dashboards built for vLLM work)."""
     lines: list[str] = []
 
     def metric(name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
-        lines.append(f"# HELP kimi_{name} {help_text}")
-        lines.append(f"# TYPE kimi_{name} {kind}")
-        for labels, value in samples:
-            label = ",".join(f'{k}="{v}"' for k, v in labels.items())
-            lines.append(f"kimi_{name}{{{label}}} {value}" if label else f"kimi_{name} {value}")
+        _write(lines, f"kimi_{name}", kind, help_text, samples)
 
     router = stats["router"]
     metric("requests_total", "counter", "HTTP responses by status",
@@ -80,15 +77,7 @@ def prometheus_text(stats: dict[str, Any]) -> str:
     metric("requests_in_flight", "gauge", "requests this router replica is serving", [({}, router["in_flight"])])
     for name, help_text in (("ttft_s", "time to first token"), ("tpot_s", "time per output token after the first"),
                             ("e2e_s", "end-to-end request latency")):
-        h = router[name]
-        lines.append(f"# HELP kimi_{name} {help_text}")
-        lines.append(f"# TYPE kimi_{name} histogram")
-        running = 0
-        for bound, n in h["buckets"].items():
-            running += n
-            lines.append(f'kimi_{name}_bucket{{le="{bound}"}} {running}')
-        lines.append(f"kimi_{name}_sum {h['sum']}")
-        lines.append(f"kimi_{name}_count {h['count']}")
+        _histogram(lines, f"kimi_{name}", help_text, router[name], {})
 
     lm = stats.get("lm", {})
     for key, kind, help_text in (("running", "gauge", "requests running in the engine"),
@@ -107,4 +96,60 @@ def prometheus_text(stats: dict[str, Any]) -> str:
                                  ("misses", "counter", "embedding cache misses"),
                                  ("evictions", "counter", "embedding cache evictions")):
         metric(f"vision_cache_{key}", kind, help_text, [({"replica": r}, s["cache"][key]) for r, s in vision.items()])
+    _vllm_metrics(lines, stats, model)
     return "\n".join(lines) + "\n"
+
+
+def _write(lines: list[str], name: str, kind: str, help_text: str, samples: list[tuple[dict[str, str], float]]) -> None:
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        label = ",".join(f'{k}="{_escape(v)}"' for k, v in labels.items())
+        lines.append(f"{name}{{{label}}} {value}" if label else f"{name} {value}")
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _histogram(lines: list[str], name: str, help_text: str, h: dict[str, Any], labels: dict[str, str]) -> None:
+    label = "".join(f',{k}="{_escape(v)}"' for k, v in labels.items())
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} histogram")
+    running = 0
+    for bound, n in h["buckets"].items():
+        running += n
+        lines.append(f'{name}_bucket{{le="{bound}"{label}}} {running}')
+    plain = f"{{{label.lstrip(',')}}}" if labels else ""
+    lines.append(f"{name}_sum{plain} {h['sum']}")
+    lines.append(f"{name}_count{plain} {h['count']}")
+
+
+def _vllm_metrics(lines: list[str], stats: dict[str, Any], model: str) -> None:
+    """vLLM's metric names, summed over this app's LM replicas, labelled by model_name."""
+    engines = [s["engine"] for s in stats.get("lm", {}).values()]
+    labels = {"model_name": model}
+
+    def total(key: str) -> float:
+        return sum(e[key] for e in engines)
+
+    blocks = total("kv_blocks_total")
+    usage = total("kv_blocks_used") / blocks if blocks else 0.0
+    hits = total("prefix_hit_tokens")
+    prompt = total("prefill_tokens") + total("prefix_hit_tokens")
+    for name, kind, help_text, value in (
+        ("num_requests_running", "gauge", "requests in the engines' running batches", total("running")),
+        ("num_requests_waiting", "gauge", "requests waiting in the engines' queues", total("waiting")),
+        ("kv_cache_usage_perc", "gauge", "KV cache usage (1 = full)", usage),
+        ("prompt_tokens_total", "counter", "prompt tokens processed (computed or from the prefix cache)", prompt),
+        ("generation_tokens_total", "counter", "tokens generated", total("generated_tokens")),
+        ("prefix_cache_queries_total", "counter", "prompt tokens looked up in the prefix cache", prompt),
+        ("prefix_cache_hits_total", "counter", "prompt tokens served from the prefix cache", hits),
+        ("num_preemptions_total", "counter", "requests preempted", total("preemptions")),
+    ):
+        _write(lines, f"vllm:{name}", kind, help_text, [(labels, value)])
+    router = stats["router"]
+    for name, key, help_text in (("time_to_first_token_seconds", "ttft_s", "time to first token"),
+                                 ("time_per_output_token_seconds", "tpot_s", "time per output token after the first"),
+                                 ("e2e_request_latency_seconds", "e2e_s", "end-to-end request latency")):
+        _histogram(lines, f"vllm:{name}", help_text, router[key], labels)

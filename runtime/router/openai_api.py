@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.lm_service.detokenize import IncrementalDetokenizer
 from runtime.protocol import RequestOutput, TokenLogprob
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -109,6 +110,14 @@ def starts_in_reasoning(prompt_ids: list[int], think_ids: tuple[int | None, int 
     return last_open > last_close
 
 
+@dataclass(frozen=True)
+class Echo:
+    """Completions' echo: the prompt's text and ids put before the answer."""
+
+    text: str
+    token_ids: list[int]
+
+
 # --- logprobs ------------------------------------------------------------------------------------
 
 
@@ -121,25 +130,53 @@ def chat_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> dict[str, Any
                         for lp in logprobs]}
 
 
-def completion_logprobs(logprobs: list[TokenLogprob], tokenizer: Any) -> dict[str, Any]:
-    tokens = [tokenizer.decode([lp.token_id]) for lp in logprobs]
+def completion_logprobs(echo: Echo | None, prompt_logprobs: list[TokenLogprob] | None, logprobs: list[TokenLogprob],
+                        token_ids: list[int], tokenizer: Any, skip_special_tokens: bool, start: int = 0
+                        ) -> dict[str, Any]:
+    """The completions API's logprobs for these generated tokens, after the echoed prompt if any
+    (its first token has no logprob). text_offset: where each token's text begins in the choice's
+    text, of which `start` characters came before. The echoed prompt's text shows its special
+    tokens (it is the prompt as sent); the answer's follows skip_special_tokens."""
+    entries: list[TokenLogprob | None] = list(logprobs)
+    ids, offsets = token_ids, text_offsets(token_ids, tokenizer, skip_special_tokens,
+                                           start + (len(echo.text) if echo else 0))
+    if echo is not None:
+        entries = [None, *(prompt_logprobs or [])] + entries
+        ids = echo.token_ids + ids
+        offsets = text_offsets(echo.token_ids, tokenizer, False, start) + offsets
     return {
-        "tokens": tokens,
-        "token_logprobs": [lp.logprob for lp in logprobs],
-        "top_logprobs": [{tokenizer.decode([t]): p for t, p in lp.top} for lp in logprobs],
-        "text_offset": [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))],
+        "tokens": [tokenizer.decode([t]) for t in ids],
+        "token_logprobs": [None if e is None else e.logprob for e in entries],
+        "top_logprobs": [None if e is None else {tokenizer.decode([t]): p for t, p in e.top} for e in entries],
+        "text_offset": offsets,
     }
+
+
+def text_offsets(token_ids: list[int], tokenizer: Any, skip_special_tokens: bool, start: int = 0) -> list[int]:
+    """Each token's start in the visible text: the characters emitted before it, so a special token
+    hidden by skip_special_tokens adds none, and a character split over tokens counts once."""
+    detok = IncrementalDetokenizer(tokenizer, skip_special_tokens)
+    offsets, at = [], start
+    for token in token_ids:
+        offsets.append(at)
+        at += len(detok.push([token]))
+    return offsets
 
 
 # --- responses -----------------------------------------------------------------------------------
 
 
-def usage(out: RequestOutput) -> dict[str, Any]:
+def usage(outs: list[RequestOutput], n: int = 1) -> dict[str, Any]:
+    """Token counts of a response: completion tokens of every choice, prompt tokens once per prompt
+    (`outs` lists each prompt's n choices together, and they share its prompt)."""
+    per_prompt = outs[::n]
+    prompt_tokens = sum(o.prompt_tokens for o in per_prompt)
+    completion = sum(o.completion_tokens for o in outs)
     return {
-        "prompt_tokens": out.prompt_tokens,
-        "completion_tokens": out.completion_tokens,
-        "total_tokens": out.prompt_tokens + out.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": out.cached_tokens},
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": sum(o.cached_tokens for o in per_prompt)},
     }
 
 
@@ -150,59 +187,72 @@ class Completion:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: list[TokenLogprob] | None = None
     last: RequestOutput | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.token_ids += out.token_ids
         self.text += out.text
         self.logprobs += out.logprobs or []
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
         self.last = out
 
 
-def chat_response(rid: str, model: str, done: Completion, splitter: ReasoningSplitter | None, want_logprobs: bool,
-                  return_token_ids: bool, prompt_ids: list[int], tokenizer: Any) -> dict[str, Any]:
+def chat_choice(index: int, done: Completion, splitter: ReasoningSplitter | None, want_logprobs: bool,
+                return_token_ids: bool, tokenizer: Any) -> dict[str, Any]:
     assert done.last is not None
     message: dict[str, Any] = {"role": "assistant", "content": done.text}
     if splitter is not None:
         reasoning, content = splitter.push(done.text)
         tail_r, tail_c = splitter.finish()
         message = {"role": "assistant", "content": content + tail_c, "reasoning_content": (reasoning + tail_r) or None}
-    choice: dict[str, Any] = {"index": 0, "message": message, "finish_reason": done.last.finish_reason,
+    choice: dict[str, Any] = {"index": index, "message": message, "finish_reason": done.last.finish_reason,
                               "logprobs": chat_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
-    return _whole(rid, model, "chat.completion", choice, done, prompt_ids if return_token_ids else None)
-
-
-def _whole(rid: str, model: str, kind: str, choice: dict[str, Any], done: Completion,
-           prompt_ids: list[int] | None) -> dict[str, Any]:
-    """The response envelope around one choice; with prompt_ids, vLLM's return_token_ids fields."""
-    assert done.last is not None
-    body: dict[str, Any] = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
-                            "choices": [choice], "usage": usage(done.last)}
-    if prompt_ids is not None:
+    if return_token_ids:
         choice["token_ids"] = done.token_ids
+    return choice
+
+
+def completion_choice(index: int, done: Completion, want_logprobs: bool, return_token_ids: bool, tokenizer: Any,
+                      skip_special_tokens: bool, echo: Echo | None) -> dict[str, Any]:
+    assert done.last is not None
+    text = done.text if echo is None else echo.text + done.text
+    logprobs = None
+    if want_logprobs:
+        logprobs = completion_logprobs(echo, done.prompt_logprobs, done.logprobs, done.token_ids, tokenizer,
+                                       skip_special_tokens)
+    choice: dict[str, Any] = {"index": index, "text": text, "finish_reason": done.last.finish_reason,
+                              "logprobs": logprobs}
+    if return_token_ids:
+        choice["token_ids"] = done.token_ids
+    return choice
+
+
+def response(rid: str, model: str, kind: str, choices: list[dict[str, Any]], dones: list[Completion], n: int,
+             prompt_ids: list[int] | None) -> dict[str, Any]:
+    """The envelope around the choices; with prompt_ids, vLLM's return_token_ids field."""
+    lasts = [d.last for d in dones if d.last is not None]
+    body: dict[str, Any] = {"id": rid, "object": kind, "created": int(time.time()), "model": model,
+                            "choices": choices, "usage": usage(lasts, n)}
+    if prompt_ids is not None:
         body["prompt_token_ids"] = prompt_ids
     return body
 
 
 def chat_chunk(rid: str, model: str, created: int, delta: dict[str, Any], finish_reason: str | None = None,
-               logprobs: dict[str, Any] | None = None, token_ids: list[int] | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+               logprobs: dict[str, Any] | None = None, token_ids: list[int] | None = None,
+               index: int = 0) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model, "choices": [choice]}
 
 
-def completion_response(rid: str, model: str, done: Completion, want_logprobs: bool, return_token_ids: bool,
-                        prompt_ids: list[int], tokenizer: Any) -> dict[str, Any]:
-    assert done.last is not None
-    choice: dict[str, Any] = {"index": 0, "text": done.text, "finish_reason": done.last.finish_reason,
-                              "logprobs": completion_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
-    return _whole(rid, model, "text_completion", choice, done, prompt_ids if return_token_ids else None)
-
-
 def completion_chunk(rid: str, model: str, created: int, text: str, finish_reason: str | None,
-                     logprobs: dict[str, Any] | None = None, token_ids: list[int] | None = None) -> dict[str, Any]:
-    choice: dict[str, Any] = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+                     logprobs: dict[str, Any] | None = None, token_ids: list[int] | None = None,
+                     index: int = 0) -> dict[str, Any]:
+    choice: dict[str, Any] = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     if token_ids is not None:
         choice["token_ids"] = token_ids
     return {"id": rid, "object": "text_completion", "created": created, "model": model, "choices": [choice]}

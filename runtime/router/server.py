@@ -18,15 +18,18 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
+import msgspec
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from ray import serve
+from starlette.exceptions import HTTPException
 
+from runtime import __version__ as RUNTIME_VERSION
 from runtime import serve_compat
 from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
-from runtime.requests import parse_chat_request, parse_sampling
+from runtime.requests import check_fields, parse_chat_request, parse_count, parse_prompts, parse_sampling
 from runtime.router import openai_api as api
 from runtime.router.fetch import ImageFetcher
 from runtime.router.metrics import RequestTimer, RouterMetrics, prometheus_text
@@ -36,6 +39,15 @@ from runtime.stats_board import board
 log = logging.getLogger("ray.serve")
 
 http = FastAPI(title="kimi-runtime", docs_url=None, redoc_url=None)
+
+
+@http.exception_handler(HTTPException)
+async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
+    """Unknown routes and methods answer with an OpenAI error body, like every other error."""
+    kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+    message = f"{request.method} {request.url.path}: {exc.detail}"
+    return JSONResponse(api.error_body(message, kind, code=exc.status_code), exc.status_code)
+
 
 # Module-level helpers go above the deployment class: Serve pickles the class when it is decorated.
 
@@ -53,6 +65,42 @@ class _ReplicaLost(Exception):
     """The LM replica failed before it produced anything: the request may be retried elsewhere."""
 
 
+@dataclasses.dataclass
+class _Plan:
+    """What one HTTP request runs: a GenerateRequest per choice, in choice order (each prompt's n
+    choices together), and how to shape the answer."""
+
+    request_id: str
+    gens: list[GenerateRequest]
+    n: int
+    options: dict[str, Any]
+    echoes: list[api.Echo | None]
+
+    def leader(self, index: int) -> int | None:
+        """The choice whose prefill another choice of the same prompt waits for (None: starts at once)."""
+        first = index - index % self.n
+        return None if first == index else first
+
+
+def _fan_out(gen: GenerateRequest, n: int) -> list[GenerateRequest]:
+    """n choices of one prompt: their own request ids, and seed + index as each one's seed."""
+    if n == 1:
+        return [gen]
+    seed = gen.sampling.seed
+    return [msgspec.structs.replace(gen, request_id=f"{gen.request_id}-{i}", sampling=msgspec.structs.replace(
+        gen.sampling, seed=None if seed is None else (seed + i) % 2**64 if i else seed)) for i in range(n)]
+
+
+class _ChoiceStream:
+    """Per-choice state of a streamed answer."""
+
+    def __init__(self, reasoning: bool, echo: api.Echo | None):
+        self.splitter = api.ReasoningSplitter(True) if reasoning else None
+        self.echo = echo  # sent with the first chunk, then None
+        self.offset = 0  # characters of this choice's text sent so far (completions' text_offset)
+        self.last: RequestOutput | None = None
+
+
 @serve.deployment(name="Router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
 @serve.ingress(http)
 class Router:
@@ -60,6 +108,7 @@ class Router:
         serve_compat.iterate_in_flight_copies()
         self.config = AppConfig.model_validate(config)
         self.model = self.config.name
+        self.model_dir = model_dir
         self.lm, self.vision = lm, vision
         self.prep = RequestPreparer(model_dir, self.config.dtype, self.config.image_limits())
         self.think_ids = api.think_token_ids(self.prep.tokenizer)
@@ -84,9 +133,77 @@ class Router:
     async def models(self, request: Request) -> Response:
         if (denied := self._auth(request)) is not None:
             return denied
-        card = {"id": self.model, "object": "model", "created": 0, "owned_by": "kimi-runtime",
+        return JSONResponse({"object": "list", "data": [self._card(name) for name in self.config.served_names]})
+
+    @http.get("/v1/models/{model_id:path}")
+    async def model_card(self, model_id: str, request: Request) -> Response:
+        if (denied := self._auth(request)) is not None:
+            return denied
+        if not self.config.serves(model_id):
+            return self._error(self._unknown_model(model_id))
+        return JSONResponse(self._card(model_id))
+
+    def _card(self, name: str) -> dict[str, Any]:
+        return {"id": name, "object": "model", "created": 0, "owned_by": "kimi-runtime", "root": self.model_dir,
                 "max_model_len": self.prep.model_config.text.max_position_embeddings}
-        return JSONResponse({"object": "list", "data": [card]})
+
+    def _unknown_model(self, name: Any) -> api.ApiError:
+        return api.ApiError(404, f"The model {name!r} does not exist; this server serves "
+                                 f"{', '.join(map(repr, self.config.served_names))}", "not_found_error", "model")
+
+    @http.post("/tokenize")
+    async def tokenize(self, request: Request) -> Response:
+        """vLLM's /tokenize: a prompt, or chat messages rendered (images expanded) as a chat request is."""
+        try:
+            if (denied := self._auth(request)) is not None:
+                return denied
+            body = await self._json_body(request)
+            check_fields(body, "tokenize")
+            ids, prompt = await self._tokenize(body)
+        except RequestError as e:
+            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
+        except api.ApiError as e:
+            return self._error(e)
+        strs = [self.prep.tokenizer.decode([t]) for t in ids] if _flag(body, "return_token_strs") else None
+        return JSONResponse({"count": len(ids), "max_model_len": self.prep.model_config.text.max_position_embeddings,
+                             "tokens": ids, "token_strs": strs} | ({"prompt": prompt} if prompt else {}))
+
+    async def _tokenize(self, body: dict[str, Any]) -> tuple[list[int], str | None]:
+        if ("messages" in body) == ("prompt" in body):
+            raise RequestError("give exactly one of prompt or messages", "prompt")
+        if "prompt" in body:
+            prompt = body["prompt"]
+            if not isinstance(prompt, str):
+                raise RequestError("prompt must be a string", "prompt")
+            special = body.get("add_special_tokens", True)
+            return list(self.prep.tokenizer(prompt, add_special_tokens=bool(special))["input_ids"]), None
+        chat = parse_chat_request({k: v for k, v in body.items() if k != "add_generation_prompt"},
+                                  self.prep.defaults.sampling, self.limits)
+        if chat.image_urls:
+            chat = dataclasses.replace(chat, images=await self.fetcher.fill(chat.images, chat.image_urls),
+                                       image_urls=())
+        gen = await asyncio.to_thread(self.prep.prepare, "tokenize", chat)
+        return gen.prompt_ids, None
+
+    @http.post("/detokenize")
+    async def detokenize(self, request: Request) -> Response:
+        try:
+            if (denied := self._auth(request)) is not None:
+                return denied
+            body = await self._json_body(request)
+            check_fields(body, "detokenize")
+            tokens = parse_prompts(body.get("tokens"), self.prep.model_config.text.vocab_size, "tokens")
+            if len(tokens) != 1 or not isinstance(tokens[0], list):
+                raise RequestError("tokens must be a non-empty list of token ids", "tokens")
+        except RequestError as e:
+            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
+        except api.ApiError as e:
+            return self._error(e)
+        return JSONResponse({"prompt": self.prep.tokenizer.decode(tokens[0])})
+
+    @http.get("/version")
+    async def version(self) -> Response:
+        return JSONResponse({"version": RUNTIME_VERSION})
 
     @http.get("/health")
     async def health(self) -> Response:
@@ -102,7 +219,8 @@ class Router:
 
     @http.get("/metrics")
     async def metrics(self) -> Response:
-        return PlainTextResponse(prometheus_text(await self._stats()), media_type="text/plain; version=0.0.4")
+        text = prometheus_text(await self._stats(), self.model)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     async def _stats(self) -> dict[str, Any]:
         pools = await self.board.snapshot.remote()
@@ -117,7 +235,7 @@ class Router:
             if (denied := self._auth(request)) is not None:
                 return denied
             body = await self._json_body(request)
-            gen, options = await prepare(body)
+            plan = await prepare(body)
         except RequestError as e:
             return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
         except api.ApiError as e:
@@ -125,9 +243,9 @@ class Router:
         if self._in_flight >= self.config.limits.max_queued_requests:
             return self._error(api.ApiError(429, "too many requests in flight; retry shortly", "rate_limit_error",
                                             headers={"Retry-After": "1"}))
-        if options["stream"]:
-            return StreamingResponse(self._sse(gen, options, chat, timer), media_type="text/event-stream")
-        return await self._whole(gen, options, chat, timer)
+        if plan.options["stream"]:
+            return StreamingResponse(self._sse(plan, chat, timer), media_type="text/event-stream")
+        return await self._whole(plan, chat, timer)
 
     def _auth(self, request: Request) -> Response | None:
         key = self.config.api_key
@@ -150,9 +268,8 @@ class Router:
         if not isinstance(body, dict):
             raise api.ApiError(400, "request body must be a JSON object")
         model = body.get("model")
-        if model is not None and model != self.model:
-            raise api.ApiError(400, f"model {model!r} is not served here; this server serves {self.model!r}",
-                               "invalid_request_error", "model")
+        if model is not None and not (isinstance(model, str) and self.config.serves(model)):
+            raise self._unknown_model(model)
         return body
 
     def _error(self, error: api.ApiError) -> Response:
@@ -167,10 +284,13 @@ class Router:
         if not isinstance(stream_options, dict):
             raise RequestError("stream_options must be an object", "stream_options")
         return {"stream": stream, "include_usage": bool(stream_options.get("include_usage", False)),
-                "return_token_ids": _flag(body, "return_token_ids"), "logprobs": sampling.logprobs}
+                "return_token_ids": _flag(body, "return_token_ids"), "logprobs": sampling.logprobs,
+                "skip_special_tokens": sampling.skip_special_tokens, "reasoning": False}
 
-    async def _prepare_chat(self, body: dict[str, Any]) -> tuple[GenerateRequest, dict[str, Any]]:
+    async def _prepare_chat(self, body: dict[str, Any]) -> _Plan:
+        check_fields(body, "chat")
         chat = parse_chat_request(body, self.prep.defaults.sampling, self.limits)
+        n = parse_count(body)
         if chat.image_urls:
             chat = dataclasses.replace(chat, images=await self.fetcher.fill(chat.images, chat.image_urls),
                                        image_urls=())
@@ -178,11 +298,11 @@ class Router:
         gen = await asyncio.to_thread(self.prep.prepare, rid, chat)  # hashing and tokenizing: off the loop
         options = self._options(body, chat.sampling)
         options["reasoning"] = api.starts_in_reasoning(gen.prompt_ids, self.think_ids)
-        return gen, options
+        return _Plan(rid, _fan_out(gen, n), n, options, [None] * n)
 
-    async def _prepare_completion(self, body: dict[str, Any]) -> tuple[GenerateRequest, dict[str, Any]]:
-        if body.get("echo"):
-            raise RequestError("echo is not supported", "echo")
+    async def _prepare_completion(self, body: dict[str, Any]) -> _Plan:
+        check_fields(body, "completions")
+        echo = _flag(body, "echo")
         # The completions API's logprobs is a count of alternatives, not the chat API's boolean.
         count = body.get("logprobs")
         if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 20):
@@ -190,27 +310,29 @@ class Router:
         chat_style = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
         if count is not None:
             chat_style |= {"logprobs": True, "top_logprobs": count}
-        sampling = parse_sampling(chat_style, self.prep.defaults.sampling, self.limits)
-        ids = self._completion_prompt(body.get("prompt"))
+        sampling = parse_sampling(chat_style, self.prep.defaults.sampling, self.limits,
+                                  prompt_logprobs=count if echo else None, fewest_tokens=0 if echo else 1)
+        n = parse_count(body)
+        rid = f"cmpl-{uuid.uuid4().hex}"
+        prompts = parse_prompts(body.get("prompt"), self.prep.model_config.text.vocab_size)
+        gens: list[GenerateRequest] = []
+        echoes: list[api.Echo | None] = []
+        for i, prompt in enumerate(prompts):
+            ids = self._completion_ids(prompt)
+            gen_id = rid if len(prompts) == 1 else f"{rid}-p{i}"
+            gens += _fan_out(GenerateRequest(gen_id, ids, sampling), n)
+            text = prompt if isinstance(prompt, str) else self.prep.tokenizer.decode(ids, skip_special_tokens=False)
+            echoes += [api.Echo(text, ids) if echo else None] * n
+        return _Plan(rid, gens, n, self._options(body, sampling), echoes)
+
+    def _completion_ids(self, prompt: str | list[int]) -> list[int]:
+        ids = list(self.prep.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
+        if isinstance(prompt, list) and self.prep.model_config.image_token_id in ids:
+            raise RequestError("prompt token ids must not contain the image placeholder id", "prompt")
         limit = self.prep.model_config.text.max_position_embeddings
         if len(ids) >= limit:
             raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit} tokens", "prompt")
-        gen = GenerateRequest(f"cmpl-{uuid.uuid4().hex}", ids, sampling)
-        return gen, self._options(body, sampling)
-
-    def _completion_prompt(self, prompt: Any) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one
-        if isinstance(prompt, str) and prompt:
-            return list(self.prep.tokenizer(prompt)["input_ids"])
-        vocab = self.prep.model_config.text.vocab_size
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                       and 0 <= t < vocab for t in prompt):
-            if self.prep.model_config.image_token_id in prompt:
-                raise RequestError("prompt token ids must not contain the image placeholder id", "prompt")
-            return list(prompt)
-        raise RequestError(f"prompt must be a non-empty string or a list of token ids in [0, {vocab}) "
-                           "(one prompt per request)", "prompt")
+        return ids
 
     # --- running -------------------------------------------------------------------------------
 
@@ -247,82 +369,140 @@ class Router:
         finally:
             stream.cancel()  # a no-op when it finished; otherwise the LM replica aborts the request
 
-    async def _whole(self, gen: GenerateRequest, options: dict[str, Any], chat: bool, timer: RequestTimer
-                     ) -> Response:
-        done = api.Completion()
+    async def _merged(self, plan: _Plan) -> AsyncIterator[tuple[int, RequestOutput]]:
+        """(choice index, output) of every choice as they come. A prompt's later choices start once
+        its first choice has produced its first output: its prompt is then in the prefix cache."""
+        if len(plan.gens) == 1:
+            async for out in self._outputs(plan.gens[0]):
+                yield 0, out
+            return
+        queue: asyncio.Queue[tuple[int, RequestOutput | BaseException | None]] = asyncio.Queue()
+        started = [asyncio.Event() for _ in plan.gens]
+
+        async def pump(index: int) -> None:
+            try:
+                if (leader := plan.leader(index)) is not None:
+                    await started[leader].wait()
+                async for out in self._outputs(plan.gens[index]):
+                    started[index].set()
+                    queue.put_nowait((index, out))
+                queue.put_nowait((index, None))
+            except Exception as e:
+                queue.put_nowait((index, e))
+            finally:
+                started[index].set()
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(plan.gens))]
         try:
-            async for out in self._outputs(gen):
+            for _ in range(len(plan.gens)):
+                while True:
+                    index, item = await queue.get()
+                    if item is None:
+                        break
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield index, item
+        finally:
+            for task in tasks:
+                task.cancel()  # each cancelled stream aborts its request on the LM replica
+
+    async def _whole(self, plan: _Plan, chat: bool, timer: RequestTimer) -> Response:
+        dones = [api.Completion() for _ in plan.gens]
+        try:
+            async for index, out in self._merged(plan):
                 timer.tokens(len(out.token_ids))
-                done.add(out)
+                dones[index].add(out)
         except TimeoutError:
-            log.warning("request %s timed out", gen.request_id, exc_info=True)
+            log.warning("request %s timed out", plan.request_id, exc_info=True)
             return self._error(api.ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s",
                                             "timeout_error"))
         except Exception as e:
-            log.exception("request %s failed", gen.request_id)
+            log.exception("request %s failed", plan.request_id)
             return self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
-        assert done.last is not None
-        if done.last.finish_reason == "error":
-            return self._error(api.engine_error(done.last))
+        for done in dones:
+            assert done.last is not None
+            if done.last.finish_reason == "error":
+                return self._error(api.engine_error(done.last))
         timer.finish()
         self.telemetry.count(200)
+        opts, tok = plan.options, self.prep.tokenizer
         if chat:
-            splitter = api.ReasoningSplitter(True) if options["reasoning"] else None
-            body = api.chat_response(gen.request_id, self.model, done, splitter, options["logprobs"],
-                                     options["return_token_ids"], gen.prompt_ids, self.prep.tokenizer)
+            choices = [api.chat_choice(i, d, api.ReasoningSplitter(True) if opts["reasoning"] else None,
+                                       opts["logprobs"], opts["return_token_ids"], tok) for i, d in enumerate(dones)]
         else:
-            body = api.completion_response(gen.request_id, self.model, done, options["logprobs"],
-                                           options["return_token_ids"], gen.prompt_ids, self.prep.tokenizer)
+            choices = [api.completion_choice(i, d, opts["logprobs"], opts["return_token_ids"], tok,
+                                             opts["skip_special_tokens"], plan.echoes[i]) for i, d in enumerate(dones)]
+        one_prompt = len(plan.gens) == plan.n
+        if opts["return_token_ids"] and not one_prompt:
+            for choice, gen in zip(choices, plan.gens, strict=True):
+                choice["prompt_token_ids"] = gen.prompt_ids
+        prompt_ids = plan.gens[0].prompt_ids if opts["return_token_ids"] and one_prompt else None
+        body = api.response(plan.request_id, self.model, "chat.completion" if chat else "text_completion", choices,
+                            dones, plan.n, prompt_ids)
         return JSONResponse(body)
 
-    async def _sse(self, gen: GenerateRequest, options: dict[str, Any], chat: bool, timer: RequestTimer
-                   ) -> AsyncIterator[bytes]:
-        rid, created = gen.request_id, int(time.time())
-        splitter = api.ReasoningSplitter(True) if chat and options["reasoning"] else None
-        last: RequestOutput | None = None
+    async def _sse(self, plan: _Plan, chat: bool, timer: RequestTimer) -> AsyncIterator[bytes]:
+        rid, created, opts = plan.request_id, int(time.time()), plan.options
+        streams = [_ChoiceStream(chat and opts["reasoning"], echo) for echo in plan.echoes]
+        failed = False
         if chat:
-            first: dict[str, Any] = {"role": "assistant", "content": ""}
-            yield api.sse(api.chat_chunk(rid, self.model, created, first,
-                                         token_ids=[] if options["return_token_ids"] else None))
+            for index in range(len(plan.gens)):
+                yield api.sse(api.chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""},
+                                             token_ids=[] if opts["return_token_ids"] else None, index=index))
         try:
-            async for out in self._outputs(gen):
+            async for index, out in self._merged(plan):
                 timer.tokens(len(out.token_ids))
-                last = out
+                streams[index].last = out
                 if out.finish_reason == "error":
+                    failed = True
                     yield api.sse(api.engine_error(out).body())
                     break
-                yield api.sse(self._chunk(rid, created, out, options, splitter, chat))
+                yield api.sse(self._chunk(rid, created, index, out, opts, streams[index], chat))
         except TimeoutError:
+            failed = True
             yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
                                          "timeout_error", code=504))
         except Exception as e:
+            failed = True
             yield api.sse(api.error_body(f"{type(e).__name__}: {e}", "server_error", code=500))
-        if last is not None and last.finish_reason != "error":
+        lasts = [s.last for s in streams if s.last is not None]
+        if not failed and len(lasts) == len(streams):
             timer.finish()
-            if options["include_usage"]:
+            if opts["include_usage"]:
                 yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                               "created": created, "model": self.model, "choices": [], "usage": api.usage(last)})
-        self.telemetry.count(200 if last is not None and last.finish_reason != "error" else 500)
+                               "created": created, "model": self.model, "choices": [],
+                               "usage": api.usage(lasts, plan.n)})
+        self.telemetry.count(500 if failed or not lasts else 200)
         yield api.sse("[DONE]")
 
-    def _chunk(self, rid: str, created: int, out: RequestOutput, options: dict[str, Any],
-               splitter: api.ReasoningSplitter | None, chat: bool) -> dict[str, Any]:
+    def _chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: dict[str, Any],
+               stream: _ChoiceStream, chat: bool) -> dict[str, Any]:
         token_ids = out.token_ids if options["return_token_ids"] else None
         if not chat:
-            logprobs = api.completion_logprobs(out.logprobs or [], self.prep.tokenizer) if options["logprobs"] else None
-            return api.completion_chunk(rid, self.model, created, out.text, out.finish_reason, logprobs, token_ids)
+            return self._completion_chunk(rid, created, index, out, options, stream, token_ids)
         delta: dict[str, Any] = {}
-        if splitter is None:
+        if stream.splitter is None:
             delta["content"] = out.text
         else:
-            reasoning, content = splitter.push(out.text)
+            reasoning, content = stream.splitter.push(out.text)
             if out.finished:
-                tail_r, tail_c = splitter.finish()
+                tail_r, tail_c = stream.splitter.finish()
                 reasoning, content = reasoning + tail_r, content + tail_c
             if reasoning:
                 delta["reasoning_content"] = reasoning
             if content or not reasoning:
                 delta["content"] = content
         logprobs = api.chat_logprobs(out.logprobs or [], self.prep.tokenizer) if options["logprobs"] else None
-        return api.chat_chunk(rid, self.model, created, delta, out.finish_reason, logprobs, token_ids)
+        return api.chat_chunk(rid, self.model, created, delta, out.finish_reason, logprobs, token_ids, index)
 
+    def _completion_chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: dict[str, Any],
+                          stream: _ChoiceStream, token_ids: list[int] | None) -> dict[str, Any]:
+        """The first chunk of an echoed choice carries the prompt's text (and its logprobs) first."""
+        echo, stream.echo = stream.echo, None
+        text = out.text if echo is None else echo.text + out.text
+        logprobs = None
+        if options["logprobs"]:
+            logprobs = api.completion_logprobs(echo, out.prompt_logprobs, out.logprobs or [], out.token_ids,
+                                               self.prep.tokenizer, options["skip_special_tokens"], stream.offset)
+        stream.offset += len(text)
+        return api.completion_chunk(rid, self.model, created, text, out.finish_reason, logprobs, token_ids, index)

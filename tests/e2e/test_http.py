@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 
 import openai
 import pytest
 import requests
 
+from runtime.checkpoint.maker import make_checkpoint
 from runtime.protocol import SamplingParams
 from runtime.router.prepare import RequestPreparer
 from tests.e2e.serve_app import ServeApp, deploy_config, free_port
@@ -21,12 +21,13 @@ from tests.reference import reference_greedy, reference_model
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    cache_dir = tmp_path_factory.mktemp("app-cache")
+    # Served by its path, as vLLM names a model: requests may say the path or the folder ("tiny").
+    model_dir = make_checkpoint(tmp_path_factory.mktemp("app-cache") / "tiny", "tiny", seed=0)
     port = free_port()
     served = ServeApp(port)
     try:
-        served.deploy(deploy_config({"cache_dir": str(cache_dir)}, port=port))
-        yield served, Path(cache_dir) / "tiny"
+        served.deploy(deploy_config({"model": str(model_dir)}, port=port))
+        yield served, model_dir
     finally:
         served.close()
 
@@ -94,9 +95,9 @@ def test_stream_equals_whole_answer(app) -> None:
 
 
 def test_openai_client_works_unchanged(app) -> None:
-    served, _ = app
+    served, model_dir = app
     client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0)
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == [str(model_dir)]
     messages = body("hello", [png(70, 70, seed=9)])["messages"]
     extra = {"top_k": 1, "ignore_eos": True, "return_token_ids": True}
     answer = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, extra_body=extra)
@@ -114,7 +115,6 @@ def test_openai_client_works_unchanged(app) -> None:
 
 BAD = [
     ("not json", b"{nope", 400, None),
-    ("unknown model", {**body("hi", []), "model": "gpt-9"}, 400, "model"),
     ("bad role", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     ("bad part", {"messages": [{"role": "user", "content": [{"type": "audio"}]}]}, 400, "messages[0].content[0].type"),
     ("not an image", body("hi", [b"this is text"]), 400, "messages"),
@@ -129,7 +129,8 @@ BAD = [
     ("bad temperature", body("hi", [], temperature=-1), 400, "temperature"),
     ("bad top_p", body("hi", [], top_p=0), 400, "top_p"),
     ("bad max_tokens", body("hi", [], max_tokens=0), 400, "max_tokens"),
-    ("n=2", body("hi", [], n=2), 400, "n"),
+    ("n=0", body("hi", [], n=0), 400, "n"),
+    ("unsupported field", body("hi", [], logit_bias={"5": 1}), 400, "logit_bias"),
     ("bad stream", body("hi", [], stream="yes"), 400, "stream"),
 ]
 
@@ -165,8 +166,13 @@ def test_models_health_metrics(app) -> None:
     assert requests.get(f"{served.base_url}/health", timeout=30).json() == {"status": "ok"}
     metrics = requests.get(f"{served.base_url}/metrics", timeout=30).text
     for name in ("kimi_requests_total", "kimi_ttft_s_bucket", "kimi_lm_kv_blocks_used",
-                 "kimi_vision_cache_live_references"):
+                 "kimi_vision_cache_live_references", "vllm:num_requests_running", "vllm:num_requests_waiting",
+                 "vllm:kv_cache_usage_perc", "vllm:time_to_first_token_seconds_bucket",
+                 "vllm:time_per_output_token_seconds_count", "vllm:prompt_tokens_total",
+                 "vllm:generation_tokens_total", "vllm:prefix_cache_hits_total"):
         assert name in metrics
+    generated = next(line for line in metrics.splitlines() if line.startswith("vllm:generation_tokens_total"))
+    assert 'model_name="' in generated and float(generated.rsplit(" ", 1)[1]) > 0
     stats = served.stats()
     assert len(stats["lm"]) == 1 and len(stats["vision"]) == 1
 
@@ -224,3 +230,90 @@ def test_the_router_replica_answers_directly_as_through_the_proxy(app) -> None:
     assert answer["choices"][0]["message"] == via_proxy["choices"][0]["message"]
     for key in ("prompt_tokens", "completion_tokens"):  # the second one hits the prefix cache
         assert answer["usage"][key] == via_proxy["usage"][key]
+
+
+def test_model_is_named_by_path_or_folder_and_unknown_ones_get_404(app) -> None:
+    served, model_dir = app
+    base = served.base_url
+    for name in (str(model_dir), "tiny"):
+        assert requests.get(f"{base}/v1/models/{name}", timeout=30).json()["id"] == name
+        assert post(served, "/v1/chat/completions", {**body("hi", []), "model": name}).status_code == 200
+    for response in (requests.get(f"{base}/v1/models/gpt-9", timeout=30),
+                     post(served, "/v1/chat/completions", {**body("hi", []), "model": "gpt-9"})):
+        assert response.status_code == 404 and response.json()["error"]["param"] == "model"
+    unknown = requests.get(f"{base}/v1/nothing-here", timeout=30)
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == 404
+
+
+def test_echo_scores_the_prompt_as_transformers_does(app) -> None:
+    """lm-eval's loglikelihood request: echo, logprobs 1, max_tokens 0 or 1; and prompt lists."""
+    import torch
+
+    served, model_dir = app
+    prep, ref = RequestPreparer(model_dir, "float32"), reference_model(str(model_dir))
+    text = "the quick brown fox jumps over the lazy dog"
+    ids = prep.tokenizer(text)["input_ids"]
+    with torch.no_grad():
+        expected = torch.log_softmax(ref(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    for prompt, max_tokens in ((ids, 1), (text, 0)):
+        answer = post(served, "/v1/completions", {"model": str(model_dir), "prompt": prompt, "echo": True,
+                                                  "logprobs": 1, "max_tokens": max_tokens, "temperature": 0})
+        assert answer.status_code == 200, answer.text
+        choice = answer.json()["choices"][0]
+        lp = choice["logprobs"]
+        assert choice["text"].startswith(text) and len(lp["tokens"]) == len(ids) + max_tokens
+        assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+        for pos in range(1, len(ids)):
+            assert abs(lp["token_logprobs"][pos] - float(expected[pos - 1, ids[pos]])) < 1e-4
+            assert len(lp["top_logprobs"][pos]) == 1
+        assert lp["text_offset"] == sorted(lp["text_offset"]) and lp["text_offset"][0] == 0
+    batch = post(served, "/v1/completions", {"prompt": [text, ids[:4]], "max_tokens": 3, "temperature": 0,
+                                             "ignore_eos": True}).json()
+    assert [c["index"] for c in batch["choices"]] == [0, 1]
+    alone = post(served, "/v1/completions", {"prompt": ids[:4], "max_tokens": 3, "temperature": 0,
+                                             "ignore_eos": True}).json()
+    assert batch["choices"][1]["text"] == alone["choices"][0]["text"]
+    assert batch["usage"]["prompt_tokens"] == len(ids) + 4 and batch["usage"]["completion_tokens"] == 6
+
+
+def test_n_choices_whole_and_streamed(app) -> None:
+    served, _ = app
+    greedy = post(served, "/v1/chat/completions", body("hello", [], max_tokens=5)).json()
+    four = post(served, "/v1/chat/completions", body("hello", [], max_tokens=5, n=4)).json()
+    assert [c["index"] for c in four["choices"]] == [0, 1, 2, 3]
+    assert all(c["message"] == greedy["choices"][0]["message"] for c in four["choices"])
+    assert four["usage"]["completion_tokens"] == 20
+    assert four["usage"]["prompt_tokens"] == greedy["usage"]["prompt_tokens"]
+
+    sampled = body("hello", [png(56, 56, seed=2)], max_tokens=6, n=3, temperature=1.0, seed=7)
+    whole = post(served, "/v1/chat/completions", sampled).json()
+    events = stream_events(post(served, "/v1/chat/completions", {**sampled, "stream": True,
+                                                                 "stream_options": {"include_usage": True}},
+                                stream=True))
+    assert events[-1] == "[DONE]" and events[-2]["usage"]["completion_tokens"] == 18
+    for choice in whole["choices"]:
+        deltas = [e["choices"][0]["delta"] for e in events[:-2] if e["choices"][0]["index"] == choice["index"]]
+        assert deltas[0]["role"] == "assistant"
+        streamed = "".join((d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas)
+        message = choice["message"]
+        assert streamed == (message.get("reasoning_content") or "") + (message["content"] or "")
+
+
+def test_tokenize_detokenize_version(app) -> None:
+    served, model_dir = app
+    prep = RequestPreparer(model_dir, "float32")
+    text = "the quick brown fox"
+    tokens = post(served, "/tokenize", {"model": "tiny", "prompt": text, "return_token_strs": True}).json()
+    assert tokens["tokens"] == prep.tokenizer(text)["input_ids"] and tokens["count"] == len(tokens["tokens"])
+    assert "".join(tokens["token_strs"]) == text and tokens["max_model_len"] > 0
+    assert post(served, "/detokenize", {"tokens": tokens["tokens"]}).json() == {"prompt": text}
+    image = png(56, 56, seed=1)
+    chat_ids = post(served, "/tokenize", {"messages": body("hi", [image])["messages"]}).json()["tokens"]
+    answer = post(served, "/v1/chat/completions", body("hi", [image], max_tokens=1, return_token_ids=True)).json()
+    assert chat_ids == answer["prompt_token_ids"]
+    for path, payload, field in (("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {}, "prompt"),
+                                 ("/tokenize", {"prompt": "x", "extra": 1}, "extra"),
+                                 ("/detokenize", {"tokens": [-1]}, "tokens")):
+        response = post(served, path, payload)
+        assert response.status_code == 400 and response.json()["error"]["param"] == field
+    assert requests.get(f"{served.base_url}/version", timeout=30).json()["version"]

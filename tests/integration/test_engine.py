@@ -163,3 +163,39 @@ def test_preemption_under_a_small_cache_gives_identical_outputs(checkpoints) -> 
     stats = tight.engine.stats()
     assert stats.preemptions > 0 and stats.kv_blocks_used == 0
     assert reencoded, "a preempted image request must get its dropped embeddings back"
+
+
+def _prompt_logprob_run(llm: OfflineLLM, ids: list[int], request_id: str, top: int, max_tokens: int):
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, prompt_logprobs=top, ignore_eos=True)
+    llm.submit_ids(request_id, ids, params)
+    outputs = []
+    while llm.engine.has_unfinished():
+        outputs += [o for o in llm.step() if o.request_id == request_id]
+    return outputs
+
+
+def test_prompt_logprobs_come_from_the_prefill_and_equal_transformers(checkpoints) -> None:
+    """Computed chunk by chunk (a small token budget splits the prompt), even when the prompt is in
+    the prefix cache, and delivered once with the first output; max_tokens 0 generates nothing."""
+    path = checkpoints("tiny")
+    config = dataclasses.replace(SMALL, prefix_caching=True, max_num_batched_tokens=16)
+    llm, ref = OfflineLLM(path, config), reference_model(str(path))
+    ids = llm.prompts.tokenizer("The quick brown fox jumps over the lazy dog, and then the cat sat on the mat "
+                                "while numbers 1 2 3 4 5 went by.")["input_ids"]
+    assert len(ids) > 2 * 16, "the prompt must span several prefill chunks"
+    with torch.no_grad():
+        expected = torch.log_softmax(ref(input_ids=torch.tensor([ids])).logits[0].float(), dim=-1)
+    llm.submit_ids("warm", ids, SamplingParams(temperature=0.0, max_tokens=1))  # fills the prefix cache
+    llm.run()
+    for request_id, max_tokens in (("one", 1), ("none", 0)):
+        outputs = _prompt_logprob_run(llm, ids, request_id, top=3, max_tokens=max_tokens)
+        first = outputs[0]
+        assert first.prompt_logprobs is not None and all(o.prompt_logprobs is None for o in outputs[1:])
+        assert [lp.token_id for lp in first.prompt_logprobs] == ids[1:]
+        for pos, lp in enumerate(first.prompt_logprobs):
+            assert abs(lp.logprob - float(expected[pos, ids[pos + 1]])) < 1e-4
+            top = torch.topk(expected[pos], 3)
+            assert [t for t, _ in lp.top] == top.indices.tolist()
+            assert max(abs(p - float(v)) for (_, p), v in zip(lp.top, top.values, strict=True)) < 1e-4
+        assert sum(len(o.token_ids) for o in outputs) == max_tokens
+        assert outputs[-1].finish_reason == "length" and outputs[-1].cached_tokens == 0

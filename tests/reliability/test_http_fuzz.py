@@ -99,10 +99,11 @@ def test_extreme_requests(app, data, status) -> None:
 
 
 def test_completions_endpoint_fuzz(app) -> None:
-    for prompt in [None, "", [], [-1], [10**9], [[1, 2], [3]], {"a": 1}, [True], "ok"]:
+    valid = ["ok", [[1, 2], [3]]]  # a prompt, a list of two token-id prompts
+    for prompt in [None, "", [], [-1], [10**9], [[1, 2], []], {"a": 1}, [True], ["a", 5], *valid]:
         response = _send(app, json.dumps({"prompt": prompt, "max_tokens": 2}).encode(), "/v1/completions")
         _assert_answered(response)
-        assert response.status_code == (200 if prompt == "ok" else 400)
+        assert response.status_code == (200 if prompt in valid else 400)
 
 
 def test_service_is_healthy_and_holds_nothing_afterwards(app) -> None:

@@ -54,3 +54,19 @@ def test_the_engine_steps_in_its_own_process_unless_expert_parallel() -> None:
     assert not AppConfig.model_validate({"engine": {"engine_process": False}}).engine.separate_process
     with pytest.raises(ValidationError, match="engine_process needs ep_size 1"):
         AppConfig.model_validate({"engine": {"ep_size": 2, "engine_process": True}})
+
+
+def test_model_is_named_as_given_its_folder_too_unless_served_names_replace_them(tmp_path) -> None:
+    ckpt = tmp_path / "my-ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    by_path = AppConfig.model_validate({"model": str(ckpt)})
+    assert by_path.name == str(ckpt) and by_path.served_names == [str(ckpt)]
+    assert by_path.serves(str(ckpt)) and by_path.serves("my-ckpt") and not by_path.serves("other")
+    named = AppConfig.model_validate({"model": str(ckpt), "served_model_name": ["kimi", "k2"]})
+    assert named.name == "kimi" and named.served_names == ["kimi", "k2"]
+    assert named.serves("k2") and not named.serves(str(ckpt)) and not named.serves("my-ckpt")
+    assert AppConfig.model_validate({"served_model_name": "one"}).served_names == ["one"]
+    for bad in ([], [""], ""):
+        with pytest.raises(ValidationError, match="served_model_name"):
+            AppConfig.model_validate({"served_model_name": bad})

@@ -5,7 +5,15 @@ import base64
 import pytest
 
 from runtime.errors import RequestError
-from runtime.requests import RequestLimits, parse_chat_request
+from runtime.requests import (
+    MAX_N,
+    MAX_PROMPTS,
+    RequestLimits,
+    check_fields,
+    parse_chat_request,
+    parse_count,
+    parse_prompts,
+)
 
 PNG = base64.b64encode(b"\x89PNG fake bytes").decode()
 
@@ -37,7 +45,6 @@ def _image_part(url: str) -> dict:
         (_body(min_p=1.5), "min_p"),
         (_body(max_tokens=0), "max_tokens"),
         (_body(max_completion_tokens=True), "max_completion_tokens"),
-        (_body(n=2), "n"),
         (_body(stop=[1]), "stop"),
         (_body(top_logprobs=21), "top_logprobs"),
         (_body(min_tokens=5, max_tokens=2), "min_tokens"),
@@ -72,3 +79,47 @@ def test_defaults_from_generation_config_fill_only_missing_fields() -> None:
     req = parse_chat_request(_body(temperature=0, stop="END", ignore_eos=True, top_k=5), defaults)
     s = req.sampling
     assert (s.temperature, s.top_p, s.stop, s.ignore_eos, s.top_k, s.greedy) == (0.0, 0.95, ("END",), True, 5, True)
+
+
+@pytest.mark.parametrize(
+    "endpoint,body,field",
+    [
+        ("chat", _body(logit_bias={"1": 5}), "logit_bias"),
+        ("chat", _body(prompt="x"), "prompt"),
+        ("chat", _body(presence_penalty=0.5), "presence_penalty"),
+        ("chat", _body(repetition_penalty=1.1), "repetition_penalty"),
+        ("chat", _body(response_format={"type": "json_object"}), "response_format"),
+        ("chat", _body(tool_choice="required"), "tool_choice"),
+        ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
+        ("completions", {"prompt": "x", "messages": []}, "messages"),
+        ("completions", {"prompt": "x", "best_of": 2}, "best_of"),
+    ],
+)
+def test_unsupported_fields_are_refused_by_name(endpoint: str, body: dict, field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        check_fields(body, endpoint)
+    assert info.value.field == field and field in str(info.value)
+
+
+def test_neutral_values_of_unsupported_knobs_are_accepted() -> None:
+    check_fields(_body(presence_penalty=0, frequency_penalty=0.0, repetition_penalty=1.0, user="u",
+                       response_format={"type": "text"}, tool_choice="auto"), "chat")
+    check_fields({"prompt": "x", "echo": True, "repetition_penalty": 1.0, "n": 2}, "completions")
+
+
+def test_n_is_bounded() -> None:
+    assert parse_count({}) == 1 and parse_count({"n": None}) == 1 and parse_count({"n": MAX_N}) == MAX_N
+    for bad in (0, MAX_N + 1, 1.5, True):
+        with pytest.raises(RequestError) as info:
+            parse_count({"n": bad})
+        assert info.value.field == "n"
+
+
+def test_completion_prompts_are_one_or_a_list() -> None:
+    assert parse_prompts("hi", 10) == ["hi"]
+    assert parse_prompts([1, 2], 10) == [[1, 2]]
+    assert parse_prompts(["a", [3], "b"], 10) == ["a", [3], "b"]
+    for bad in ("", [], [[]], [1, 10], [[1], ""], ["a"] * (MAX_PROMPTS + 1), [True], 5, [[-1]]):
+        with pytest.raises(RequestError) as info:
+            parse_prompts(bad, 10)
+        assert info.value.field == "prompt"

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from runtime.protocol import RequestOutput
+from runtime.protocol import RequestOutput, TokenLogprob
 from runtime.router.openai_api import ReasoningSplitter, engine_error, starts_in_reasoning, think_token_ids, usage
 
 
@@ -48,9 +48,42 @@ def test_starts_in_reasoning_reads_the_last_think_tag_of_the_prompt() -> None:
 def test_usage_and_engine_errors() -> None:
     out = RequestOutput("r", [], "", True, "error", "image 0: truncated", prompt_tokens=10,
                         completion_tokens=3, cached_tokens=4, error_type="invalid_request")
-    assert usage(out) == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
+    assert usage([out]) == {"prompt_tokens": 10, "completion_tokens": 3, "total_tokens": 13,
                           "prompt_tokens_details": {"cached_tokens": 4}}
     error = engine_error(out)
     assert (error.status, error.type) == (400, "invalid_request_error") and error.body()["error"]["message"]
     timeout = engine_error(RequestOutput("r", [], "", True, "error", "slow", error_type="timeout"))
     assert timeout.status == 504
+
+
+def test_text_offsets_count_only_visible_characters(checkpoints) -> None:
+    """A special token hidden by skip_special_tokens adds no characters; a character split over
+    byte-level tokens is counted once; echoed prompts show their special tokens as sent."""
+    from transformers import AutoTokenizer
+
+    from runtime.router.openai_api import Echo, completion_logprobs, text_offsets
+
+    tok = AutoTokenizer.from_pretrained(str(checkpoints("tiny")))
+    ids = tok("ab")["input_ids"] + tok.convert_tokens_to_ids(["<|im_end|>"]) + tok("c 图片")["input_ids"]
+    visible = tok.decode(ids, skip_special_tokens=True)
+    offsets = text_offsets(ids, tok, True)
+    assert offsets[0] == 0 and offsets == sorted(offsets) and max(offsets) < len(visible)
+    special = ids.index(tok.convert_tokens_to_ids("<|im_end|>"))
+    assert offsets[special] == offsets[special + 1] == len(tok.decode(ids[:special]))
+    shown = text_offsets(ids, tok, False)
+    assert shown[special + 1] - shown[special] == len("<|im_end|>")
+
+    prompt = tok("hi<|im_end|>")["input_ids"]
+    lp = [TokenLogprob(t, -1.0, [(t, -1.0)]) for t in ids]
+    echoed = completion_logprobs(Echo("hi<|im_end|>", prompt), [TokenLogprob(prompt[1], -2.0)] * (len(prompt) - 1),
+                                 lp, ids, tok, True)
+    assert echoed["token_logprobs"][0] is None and echoed["top_logprobs"][0] is None
+    assert len(echoed["tokens"]) == len(echoed["text_offset"]) == len(prompt) + len(ids)
+    assert echoed["text_offset"][len(prompt)] == len("hi<|im_end|>")
+
+
+def test_usage_counts_a_prompt_once_for_its_n_choices() -> None:
+    outs = [RequestOutput("r", [], "", True, "length", prompt_tokens=p, completion_tokens=c, cached_tokens=0)
+            for p, c in ((10, 3), (10, 4), (7, 5), (7, 6))]
+    assert usage(outs, n=2)["prompt_tokens"] == 17 and usage(outs, n=2)["completion_tokens"] == 18
+    assert usage(outs[:1])["total_tokens"] == 13
