@@ -284,7 +284,7 @@ def render(rep: dict[str, Any]) -> str:
         f"rest {_b(rest)}) + vision {_b(p['vision'])}",
         f"  rest of the LM: embeddings {_b(p['embeddings'])}, attention {_b(p['attention'])}, dense MLPs "
         f"{_b(p['dense_mlp'])}, shared experts {_b(p['shared_experts'])}, gates {_b(p['gates'] + p['gate_bias'])}",
-        f"weights: routed experts {rep['experts_format']} ({i['experts']['bits_per_weight']:g} bits/weight) "
+        f"weights: routed experts {rep['experts_format']}, {i['experts']['bits_per_weight']:g} bits/weight: "
         f"{_gib(b['routed_experts'])}; rest of the LM {_gib(b['lm_non_expert'])} ({i['dtype_bits']}-bit); "
         f"vision {_gib(b['vision'])} (its own pool, not on the LM ranks)",
         f"KV cache ({cache}): {b['kv_per_token']:,} bytes/token; context {i['context']:,} x batch {i['batch']} "
