@@ -1,4 +1,4 @@
-"""`python -m runtime <command>`: make-checkpoint, generate, demo, serve, bench serve."""
+"""`python -m runtime <command>`: make-checkpoint, generate, demo, serve, bench serve, plan."""
 
 from __future__ import annotations
 
@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--once", action="store_true",
                      help="send one request with an image over HTTP, print the answer and stop")
 
+    _add_plan_arguments(sub.add_parser("plan", help="memory per expert-parallel rank, from config.json alone"))
+
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     from runtime.benchmark.serve_bench import add_arguments
 
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     commands = {"make-checkpoint": _make_checkpoint, "generate": _generate, "demo": _demo, "serve": _serve,
-                "bench": _bench}
+                "bench": _bench, "plan": _plan}
     try:
         return commands[args.command](args)
     except RuntimeServingError as e:
@@ -186,6 +188,36 @@ def _serve(args: argparse.Namespace) -> int:
 
         serve.shutdown()
         ray.shutdown()
+
+
+def _add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (only its config.json is read)")
+    p.add_argument("--context", type=int, default=131072, help="tokens per sequence in the KV cache")
+    p.add_argument("--batch", type=int, default=16, help="sequences held in the KV cache at once")
+    p.add_argument("--experts", choices=["int4", "bf16", "auto"], default="auto",
+                   help="routed-expert format; auto: the config's quantization_config, else its dtype")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default="bfloat16",
+                   help="everything but the routed experts, and the KV cache unless --kv-fp8")
+    p.add_argument("--kv-fp8", action="store_true", help="an fp8 (e4m3) KV cache, as the engine's kv_fp8")
+    p.add_argument("--ep-size", type=int, default=None, help="show this EP size (default: powers of two)")
+    p.add_argument("--device-memory-gib", type=float, default=None, help="find the smallest EP size that fits")
+    p.add_argument("--reserve-gib", type=float, default=8.0, help="kept free on every rank for activations")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from runtime.models.config import load_model_config
+    from runtime.plan import PlanInputs, expert_format, make_plan, render, report
+
+    cfg = load_model_config(args.model)
+    if args.ep_size is not None and not 1 <= args.ep_size <= cfg.text.n_routed_experts:
+        print(f"error: --ep-size must be 1..{cfg.text.n_routed_experts} (the routed experts)", file=sys.stderr)
+        return 2
+    inputs = PlanInputs(args.context, args.batch, expert_format(cfg, args.experts), args.kv_fp8,
+                        16 if args.dtype == "bfloat16" else 32, args.reserve_gib)
+    rep = report(make_plan(cfg, inputs), args.ep_size, args.device_memory_gib)
+    print(json.dumps(rep, indent=2) if args.json else render(rep))
+    return 0
 
 
 def _bench(args: argparse.Namespace) -> int:

@@ -103,11 +103,19 @@ def reference_image_processor(patch_size: int, merge_size: int, max_patches: int
 
 def reference_greedy(ref: Any, inputs: dict, steps: int) -> tuple[list[int], torch.Tensor]:
     """transformers' greedy tokens (its own KV cache) and the prefill logits [S, vocab]."""
+    tokens, prefill_logits, _ = reference_decode(ref, inputs, steps)
+    return tokens, prefill_logits
+
+
+def reference_decode(ref: Any, inputs: dict, steps: int) -> tuple[list[int], torch.Tensor, torch.Tensor]:
+    """reference_greedy, plus the logits each greedy token was picked from [steps, vocab]."""
     with torch.no_grad():
         out = ref(**inputs, use_cache=True)
         prefill_logits = out.logits[0]
-        tokens = [int(out.logits[0, -1].argmax())]
+        step_logits = [out.logits[0, -1]]
         for _ in range(steps - 1):
-            out = ref(input_ids=torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
-            tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens, prefill_logits
+            token = int(step_logits[-1].argmax())
+            out = ref(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            step_logits.append(out.logits[0, -1])
+    logits = torch.stack(step_logits)
+    return logits.argmax(dim=-1).tolist(), prefill_logits, logits

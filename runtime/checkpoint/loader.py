@@ -232,7 +232,7 @@ def _keep_gate_bias_fp32(model: nn.Module) -> None:
 
 
 def _reject_quantized(cfg: ModelConfig) -> None:
-    quant = cfg.raw.get("quantization_config") or cfg.raw.get("text_config", {}).get("quantization_config")
+    quant = cfg.quantization
     if quant:
         raise UnsupportedConfigError(
             f"quantization_config ({quant.get('quant_method', '?')}/{quant.get('format', '?')}) is not supported yet"

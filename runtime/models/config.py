@@ -113,6 +113,11 @@ class ModelConfig:
     pad_token_id: int | None = None
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def quantization(self) -> dict[str, Any] | None:
+        """quantization_config, top level or in text_config (releases put it in either or both)."""
+        return self.raw.get("quantization_config") or self.raw.get("text_config", {}).get("quantization_config")
+
 
 # --- parsing -----------------------------------------------------------------------------------
 
