@@ -19,7 +19,6 @@ far: the stream has already sent them. Calls past `max_calls` (parallel_tool_cal
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -236,11 +235,3 @@ def parse_tool_calls(text: str, names: Collection[str] | None = None,
     out += parser.finish()
     return out.content, gather_calls(out.calls)
 
-
-def arguments_are_json(call: dict[str, Any]) -> bool:
-    """Whether a call's arguments parse as JSON (a cut-off call's do not)."""
-    try:
-        json.loads(call["function"]["arguments"])
-    except json.JSONDecodeError:
-        return False
-    return True
