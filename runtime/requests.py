@@ -14,6 +14,7 @@ from typing import Any
 
 from runtime.errors import RequestError
 from runtime.protocol import SamplingParams
+from runtime.tools import check_message_tool_fields, parse_parallel_tool_calls, parse_tool_choice, parse_tools
 
 __all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "check_fields", "parse_chat_request", "parse_count",
            "parse_prompts", "parse_sampling"]
@@ -98,6 +99,7 @@ class RequestLimits:
     max_image_bytes: int = 20 * 1024 * 1024
     max_stop_strings: int = 16
     allow_http_images: bool = False  # http(s) image URLs are fetched by the router (runtime.router.fetch)
+    constrained_decoding: bool = False  # whether tool_choice "required" / a named function can be enforced
 
 
 @dataclass(frozen=True)
@@ -110,7 +112,10 @@ class ChatRequest:
     sampling: SamplingParams
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    # The tools the template declares and the answer may call: None without tools or with tool_choice "none".
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] = "none"
+    parallel_tool_calls: bool = True
     # (image index, field, url) of http(s) images still to fetch; their `images` entry is b"" until then.
     image_urls: tuple[tuple[int, str, str], ...] = ()
 
@@ -126,16 +131,17 @@ def parse_chat_request(
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise RequestError("chat_template_kwargs must be an object", "chat_template_kwargs")
-    tools = body.get("tools")
-    if tools is not None and not isinstance(tools, list):
-        raise RequestError("tools must be a list", "tools")
+    tools = parse_tools(body.get("tools"))
+    tool_choice = parse_tool_choice(body.get("tool_choice"), tools, limits.constrained_decoding)
     return ChatRequest(
         messages=messages,
         images=images,
         sampling=parse_sampling(body, defaults or {}, limits),
         chat_template_kwargs=dict(kwargs),
         model=body.get("model"),
-        tools=tools,
+        tools=None if tool_choice == "none" else tools,
+        tool_choice=tool_choice,
+        parallel_tool_calls=parse_parallel_tool_calls(body.get("parallel_tool_calls")),
         image_urls=tuple(urls),
     )
 
@@ -162,6 +168,7 @@ def _parse_messages(raw: Any, limits: RequestLimits,
                               for j, p in enumerate(content)]
         elif content is not None and not isinstance(content, str):
             raise RequestError(f"{where}.content must be a string or a list of parts", f"{where}.content")
+        check_message_tool_fields(msg, where)
         messages.append(out)
     return messages, images
 

@@ -14,6 +14,7 @@ from runtime.models.config import load_model_config
 from runtime.prompt import GenerationDefaults, PromptBuilder
 from runtime.protocol import GenerateRequest, ImagePayload
 from runtime.requests import ChatRequest
+from runtime.router.tool_calls import tool_markers_problem
 from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import ImageLimits, image_size, load_processor_config, placeholder_count
 
@@ -26,6 +27,7 @@ class RequestPreparer:
         self.prompts = PromptBuilder.from_dir(model_dir, self.model_config, self.processor)
         self.defaults = GenerationDefaults.load(model_dir, self.model_config)
         self.tokenizer = self.prompts.tokenizer
+        self.tools_problem = tool_markers_problem(self.tokenizer)  # None: tool calls can be parsed
 
     def image_sizes(self, images: list[bytes]) -> list[tuple[int, int]]:
         sizes = []
@@ -37,6 +39,8 @@ class RequestPreparer:
         return sizes
 
     def prepare(self, request_id: str, chat: ChatRequest) -> GenerateRequest:
+        if chat.tools and self.tools_problem is not None:
+            raise RequestError(f"this checkpoint cannot call tools: {self.tools_problem}", "tools")
         sizes = self.image_sizes(chat.images)
         ids = self.prompts.token_ids(chat.messages, sizes, chat.tools, chat.chat_template_kwargs)
         payloads = [ImagePayload(data, placeholder_count(h, w, self.processor))

@@ -41,3 +41,27 @@ def test_template_kwargs_reach_the_template(builder: PromptBuilder) -> None:
     on = builder.tokenizer.decode(builder.token_ids(messages, []))
     off = builder.tokenizer.decode(builder.token_ids(messages, [], template_kwargs={"thinking": False}))
     assert on.endswith("<think>") and off.endswith("<think></think>")
+
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+CALLS = [{"id": "functions.get_weather:0", "type": "function",
+          "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+
+
+def test_tools_calls_and_results_render_in_kimis_format(builder: PromptBuilder) -> None:
+    """As moonshotai's template: a compact tool_declare turn first, calls after the assistant's content,
+    and each result as its own tool turn headed `## Return of <id>` and a newline."""
+    messages = [{"role": "user", "content": "weather?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": CALLS},
+                {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "sunny"}]
+    text = builder.render(messages, TOOLS)
+    assert text == (
+        '<|im_system|>tool_declare<|im_middle|>[{"type":"function","function":{"name":"get_weather",'
+        '"parameters":{"type":"object"}}}]<|im_end|>'
+        "<|im_user|>user<|im_middle|>weather?<|im_end|>"
+        "<|im_assistant|>assistant<|im_middle|><think></think>Checking."
+        "<|tool_calls_section_begin|><|tool_call_begin|>functions.get_weather:0<|tool_call_argument_begin|>"
+        '{"city": "Oslo"}<|tool_call_end|><|tool_calls_section_end|><|im_end|>'
+        "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\nsunny<|im_end|>"
+        "<|im_assistant|>assistant<|im_middle|><think>")
+    assert "tool_declare" not in builder.render(messages[:1], None)
