@@ -32,7 +32,7 @@ _COMMON_FIELDS = {
 }
 SUPPORTED_FIELDS: dict[str, frozenset[str]] = {
     "chat": frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
-                                        "tools", "tool_choice", "response_format"}),
+                                        "tools", "tool_choice", "parallel_tool_calls", "response_format"}),
     "completions": frozenset(_COMMON_FIELDS | {"prompt", "echo"}),
     # vLLM's /tokenize (a prompt, or chat messages rendered as for /v1/chat/completions) and /detokenize.
     "tokenize": frozenset({"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
@@ -61,10 +61,6 @@ def check_fields(body: dict[str, Any], endpoint: str) -> None:
     response_format = body.get("response_format")
     if response_format is not None and response_format != {"type": "text"}:
         raise RequestError("response_format other than {'type': 'text'} is not supported yet", "response_format")
-    tool_choice = body.get("tool_choice")
-    if tool_choice not in (None, "auto", "none"):
-        raise RequestError("tool_choice 'required' or a named function needs constrained decoding, which this "
-                           "server does not do yet; use 'auto' or 'none'", "tool_choice")
 
 
 def parse_prompts(prompt: Any, vocab_size: int, name: str = "prompt") -> list[str | list[int]]:

@@ -8,10 +8,13 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from runtime.lm_service.detokenize import IncrementalDetokenizer
 from runtime.protocol import RequestOutput, TokenLogprob
+
+if TYPE_CHECKING:  # runtime.router.assistant imports this module
+    from runtime.router.assistant import AssistantStream
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
@@ -199,15 +202,13 @@ class Completion:
         self.last = out
 
 
-def chat_choice(index: int, done: Completion, splitter: ReasoningSplitter | None, want_logprobs: bool,
+def chat_choice(index: int, done: Completion, stream: AssistantStream, want_logprobs: bool,
                 return_token_ids: bool, tokenizer: Any) -> dict[str, Any]:
+    """`stream`: a fresh AssistantStream of this choice (reasoning split, tool calls)."""
     assert done.last is not None
-    message: dict[str, Any] = {"role": "assistant", "content": done.text}
-    if splitter is not None:
-        reasoning, content = splitter.push(done.text)
-        tail_r, tail_c = splitter.finish()
-        message = {"role": "assistant", "content": content + tail_c, "reasoning_content": (reasoning + tail_r) or None}
-    choice: dict[str, Any] = {"index": index, "message": message, "finish_reason": done.last.finish_reason,
+    message = stream.message(done.text)  # before finish_reason: it counts the calls parsed
+    reason = stream.finish_reason(done.last.finish_reason)
+    choice: dict[str, Any] = {"index": index, "message": message, "finish_reason": reason,
                               "logprobs": chat_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
     if return_token_ids:
         choice["token_ids"] = done.token_ids

@@ -31,6 +31,7 @@ from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
 from runtime.requests import check_fields, parse_chat_request, parse_count, parse_prompts, parse_sampling
 from runtime.router import openai_api as api
+from runtime.router.assistant import AssistantStream, ToolUse
 from runtime.router.fetch import ImageFetcher
 from runtime.router.metrics import RequestTimer, RouterMetrics, prometheus_text
 from runtime.router.prepare import RequestPreparer
@@ -94,8 +95,8 @@ def _fan_out(gen: GenerateRequest, n: int) -> list[GenerateRequest]:
 class _ChoiceStream:
     """Per-choice state of a streamed answer."""
 
-    def __init__(self, reasoning: bool, echo: api.Echo | None):
-        self.splitter = api.ReasoningSplitter(True) if reasoning else None
+    def __init__(self, assistant: AssistantStream | None, echo: api.Echo | None):
+        self.assistant = assistant  # chat: the reasoning and tool-call parsers of this choice
         self.echo = echo  # sent with the first chunk, then None
         self.offset = 0  # characters of this choice's text sent so far (completions' text_offset)
         self.last: RequestOutput | None = None
@@ -285,7 +286,7 @@ class Router:
             raise RequestError("stream_options must be an object", "stream_options")
         return {"stream": stream, "include_usage": bool(stream_options.get("include_usage", False)),
                 "return_token_ids": _flag(body, "return_token_ids"), "logprobs": sampling.logprobs,
-                "skip_special_tokens": sampling.skip_special_tokens, "reasoning": False}
+                "skip_special_tokens": sampling.skip_special_tokens, "reasoning": False, "tools": None}
 
     async def _prepare_chat(self, body: dict[str, Any]) -> _Plan:
         check_fields(body, "chat")
@@ -298,6 +299,7 @@ class Router:
         gen = await asyncio.to_thread(self.prep.prepare, rid, chat)  # hashing and tokenizing: off the loop
         options = self._options(body, chat.sampling)
         options["reasoning"] = api.starts_in_reasoning(gen.prompt_ids, self.think_ids)
+        options["tools"] = ToolUse.of(chat)  # None: the answer is not parsed for tool calls
         return _Plan(rid, _fan_out(gen, n), n, options, [None] * n)
 
     async def _prepare_completion(self, body: dict[str, Any]) -> _Plan:
@@ -427,8 +429,8 @@ class Router:
         self.telemetry.count(200)
         opts, tok = plan.options, self.prep.tokenizer
         if chat:
-            choices = [api.chat_choice(i, d, api.ReasoningSplitter(True) if opts["reasoning"] else None,
-                                       opts["logprobs"], opts["return_token_ids"], tok) for i, d in enumerate(dones)]
+            choices = [api.chat_choice(i, d, AssistantStream(opts["reasoning"], opts["tools"]), opts["logprobs"],
+                                       opts["return_token_ids"], tok) for i, d in enumerate(dones)]
         else:
             choices = [api.completion_choice(i, d, opts["logprobs"], opts["return_token_ids"], tok,
                                              opts["skip_special_tokens"], plan.echoes[i]) for i, d in enumerate(dones)]
@@ -443,7 +445,8 @@ class Router:
 
     async def _sse(self, plan: _Plan, chat: bool, timer: RequestTimer) -> AsyncIterator[bytes]:
         rid, created, opts = plan.request_id, int(time.time()), plan.options
-        streams = [_ChoiceStream(chat and opts["reasoning"], echo) for echo in plan.echoes]
+        streams = [_ChoiceStream(AssistantStream(opts["reasoning"], opts["tools"]) if chat else None, echo)
+                   for echo in plan.echoes]
         failed = False
         if chat:
             for index in range(len(plan.gens)):
@@ -457,7 +460,7 @@ class Router:
                     failed = True
                     yield api.sse(api.engine_error(out).body())
                     break
-                yield api.sse(self._chunk(rid, created, index, out, opts, streams[index], chat))
+                yield api.sse(self._chunk(rid, created, index, out, opts, streams[index]))
         except TimeoutError:
             failed = True
             yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
@@ -476,24 +479,14 @@ class Router:
         yield api.sse("[DONE]")
 
     def _chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: dict[str, Any],
-               stream: _ChoiceStream, chat: bool) -> dict[str, Any]:
+               stream: _ChoiceStream) -> dict[str, Any]:
         token_ids = out.token_ids if options["return_token_ids"] else None
-        if not chat:
+        if stream.assistant is None:
             return self._completion_chunk(rid, created, index, out, options, stream, token_ids)
-        delta: dict[str, Any] = {}
-        if stream.splitter is None:
-            delta["content"] = out.text
-        else:
-            reasoning, content = stream.splitter.push(out.text)
-            if out.finished:
-                tail_r, tail_c = stream.splitter.finish()
-                reasoning, content = reasoning + tail_r, content + tail_c
-            if reasoning:
-                delta["reasoning_content"] = reasoning
-            if content or not reasoning:
-                delta["content"] = content
+        delta = stream.assistant.delta(out.text, out.finished)  # before finish_reason: it counts the calls
         logprobs = api.chat_logprobs(out.logprobs or [], self.prep.tokenizer) if options["logprobs"] else None
-        return api.chat_chunk(rid, self.model, created, delta, out.finish_reason, logprobs, token_ids, index)
+        return api.chat_chunk(rid, self.model, created, delta, stream.assistant.finish_reason(out.finish_reason),
+                              logprobs, token_ids, index)
 
     def _completion_chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: dict[str, Any],
                           stream: _ChoiceStream, token_ids: list[int] | None) -> dict[str, Any]:
