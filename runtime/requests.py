@@ -14,6 +14,7 @@ from typing import Any
 
 from runtime.errors import RequestError
 from runtime.protocol import SamplingParams
+from runtime.structured import parse_structured
 
 __all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "parse_chat_request", "parse_sampling"]
 
@@ -165,9 +166,12 @@ def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
         logprobs=_bool(body.get("logprobs", False), "logprobs"),
         top_logprobs=_int(body.get("top_logprobs") or 0, "top_logprobs", low=0, high=20),
         skip_special_tokens=_bool(body.get("skip_special_tokens", True), "skip_special_tokens"),
+        structured=parse_structured(body),
     )
     if params.max_tokens is not None and params.min_tokens > params.max_tokens:
         raise RequestError("min_tokens must not exceed max_tokens", "min_tokens")
+    if params.structured is not None and params.min_tokens:  # the grammar decides where the output ends
+        raise RequestError("min_tokens cannot be combined with structured output", "min_tokens")
     return params
 
 
