@@ -31,8 +31,9 @@ class EngineRequest:
 
 class RequestState:
     def __init__(self, request: EngineRequest, seq: Sequence, max_tokens: int, eos_ids: tuple[int, ...],
-                 tokenizer: Any | None):
+                 tokenizer: Any | None, grammar: Any | None = None):
         self.request, self.seq, self.params = request, seq, request.params
+        self.grammar = grammar  # the request's matcher (runtime.lm_service.grammar), fed every token
         self.max_tokens = max_tokens
         self.stop_ids = frozenset(() if self.params.ignore_eos else eos_ids) | frozenset(self.params.stop_token_ids)
         self.generator = new_generator(self.params)
@@ -66,7 +67,11 @@ class RequestState:
         return choose(suppress(logits, banned), self.params, self.generator)
 
     def accept(self, token: int, logits: torch.Tensor | None) -> RequestOutput:
-        """Record the sampled token; return this step's delta (finished when a stop rule fired)."""
+        """Record the sampled token; return this step's delta (finished when a stop rule fired, or
+        with an error if the request's grammar rejects the token, which its mask should prevent)."""
+        if self.grammar is not None and not self.grammar.consume_token(token):
+            return self.output([], "", "error", error=f"structured output: the grammar rejected token {token} "
+                               f"({self.grammar.get_error().partition(chr(10))[0]})", error_type="internal")
         self.seq.token_ids.append(token)
         logprobs = None
         if self.params.logprobs and logits is not None:
@@ -81,6 +86,8 @@ class RequestState:
         text = self.detok.push([token]) if self.detok else ""
         if self.detok is not None and self.detok.stopped:
             return "stop", text
+        if self.grammar is not None and self.grammar.is_stopped():  # the grammar allows nothing more
+            return "stop", text + (self.detok.finish() if self.detok else "")
         if self.num_output >= self.max_tokens:
             return "length", text + (self.detok.finish() if self.detok else "")
         return None, text
