@@ -7,11 +7,13 @@ aborted, failed). `live` holds exactly the open matchers, so a step in which no 
 is live does no grammar work at all. The request's RequestState holds the same matcher and feeds it
 each sampled token. Compiled grammars are kept by spec (least recently used dropped past
 `cache_size`) as template matchers that each new request copies. The tokenizer view llguidance
-needs is built once, on the first constrained request.
+needs is built once, with the engine (about a second for a 131k vocabulary, bench/README.md), so
+that no constrained request stalls the step loop for it.
 """
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -27,14 +29,15 @@ from runtime.structured import grammar_text
 if TYPE_CHECKING:
     from runtime.lm_service.request_state import RequestState
 
+log = logging.getLogger(__name__)
+
 
 class GrammarBook:
     def __init__(self, tokenizer: Any | None, vocab_size: int, eos_token_ids: tuple[int, ...],
                  cache_size: int = 64, threads: int = 1):
         self.vocab_size, self.eos_token_ids, self.cache_size = vocab_size, eos_token_ids, cache_size
         self.live: dict[str, llguidance.LLMatcher] = {}
-        self._hf_tokenizer = tokenizer
-        self._tokenizer: llguidance.LLTokenizer | None = None
+        self._tokenizer, self._unavailable = self._build_tokenizer(tokenizer)
         self._templates: OrderedDict[StructuredOutput, llguidance.LLMatcher] = OrderedDict()
         self._executor = llguidance.LLExecutor(num_threads=threads)
         self._words = (vocab_size + 31) // 32
@@ -76,7 +79,9 @@ class GrammarBook:
         return template
 
     def _compile(self, spec: StructuredOutput) -> llguidance.LLMatcher:
-        tokenizer = self._llg_tokenizer()
+        tokenizer = self._tokenizer
+        if tokenizer is None:
+            raise RequestError(self._unavailable)
         try:
             template = llguidance.LLMatcher(tokenizer, grammar_text(spec), log_level=0)
             error = template.get_error() if template.is_error() else None
@@ -86,10 +91,13 @@ class GrammarBook:
             raise RequestError(f"structured output ({spec.kind}) does not compile: {error}")
         return template
 
-    def _llg_tokenizer(self) -> llguidance.LLTokenizer:
-        if self._tokenizer is None:
-            if self._hf_tokenizer is None:
-                raise RequestError("structured output needs the engine's tokenizer, and this engine has none")
-            self._tokenizer = llguidance.hf.from_tokenizer(self._hf_tokenizer, n_vocab=self.vocab_size,
-                                                           eos_token=list(self.eos_token_ids) or None)
-        return self._tokenizer
+    def _build_tokenizer(self, tokenizer: Any | None) -> tuple[llguidance.LLTokenizer | None, str]:
+        """llguidance's view of the tokenizer, or None and why structured output is unavailable."""
+        if tokenizer is None:
+            return None, "structured output needs the engine's tokenizer, and this engine has none"
+        try:
+            return llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size,
+                                                eos_token=list(self.eos_token_ids) or None), ""
+        except Exception as e:  # a tokenizer llguidance cannot read: serve, but without structured output
+            log.warning("structured output is unavailable: llguidance cannot use the tokenizer (%s)", e)
+            return None, f"structured output is unavailable on this engine: {type(e).__name__}: {e}"

@@ -3,6 +3,7 @@ would say, the grammar's mask makes the answer parse; unconstrained neighbours a
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -10,8 +11,10 @@ import re
 import jsonschema  # installed with ray[serve]
 import pytest
 
-from runtime.lm_service.engine import EngineConfig
+from runtime.lm_service.engine import EngineConfig, EngineHooks
+from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.offline import OfflineLLM
+from runtime.lm_service.request_state import EngineRequest
 from runtime.requests import RequestLimits, SamplingParams, parse_sampling
 from tests.integration.workload import chat, mixed
 
@@ -102,3 +105,27 @@ def test_length_cut_still_ends_cleanly(llm: OfflineLLM) -> None:
     short = dataclasses.replace(chat("Who?", [], _params(**JSON_SCHEMA, seed=1, max_tokens=3)))
     result = llm.generate(short)
     assert result.finish_reason == "length" and len(result.token_ids) == 3 and result.text.startswith("{")
+
+
+def test_the_engine_process_enforces_the_same_grammar(checkpoints, llm: OfflineLLM) -> None:
+    """The spec crosses to the engine-core process inside SamplingParams and is compiled there."""
+    params = [_params(**JSON_SCHEMA, seed=7, max_tokens=200), _params(guided_choice=["left", "right"], seed=2)]
+    requests = [chat("Who?", [], p) for p in params]
+    expected = [llm.generate(r, f"in-process-{i}").text for i, r in enumerate(requests)]
+    client = EngineClient(str(checkpoints("tiny")), SMALL, EngineHooks(), "127.0.0.1")
+
+    async def one(i: int) -> tuple[str, str | None]:
+        ids = llm.prompts.token_ids(requests[i].messages, [])
+        text, reason = "", None
+        async for out in client.add_request(EngineRequest(f"r{i}", ids, params[i])):
+            text, reason = text + out.text, out.finish_reason
+        return text, reason
+
+    async def main() -> list[tuple[str, str | None]]:
+        return await asyncio.gather(one(0), one(1))
+
+    try:
+        results = asyncio.run(main())
+    finally:
+        client.close()
+    assert results == [(text, "stop") for text in expected]
