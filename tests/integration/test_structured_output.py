@@ -129,3 +129,11 @@ def test_the_engine_process_enforces_the_same_grammar(checkpoints, llm: OfflineL
     finally:
         client.close()
     assert results == [(text, "stop") for text in expected]
+
+
+def test_min_tokens_given_past_the_router_yields_to_the_grammar(llm: OfflineLLM) -> None:
+    """The router refuses the pair; an engine caller that sends it gets the grammar's end, not a crash."""
+    params = SamplingParams(temperature=0.0, min_tokens=10, max_tokens=20,
+                            structured=_params(guided_choice=["yes", "no"]).structured)
+    text, reason = _ask(llm, params)
+    assert text in {"yes", "no"} and reason == "stop"
