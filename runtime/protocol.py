@@ -15,6 +15,16 @@ class TokenLogprob(msgspec.Struct, tag="token_logprob", frozen=True):
     top: list[tuple[int, float]] = []
 
 
+class StructuredOutput(msgspec.Struct, tag="structured_output", frozen=True):
+    """A grammar the output must match (runtime.structured builds and checks it).
+
+    kind "json": `text` is a JSON schema; "regex": a regular expression; "choice": a JSON list of
+    the allowed strings; "grammar": a Lark or GBNF grammar."""
+
+    kind: str
+    text: str
+
+
 class SamplingParams(msgspec.Struct, tag="sampling", frozen=True):
     """Validated sampling settings of one request (runtime.requests.parse_sampling builds them)."""
 
@@ -34,6 +44,7 @@ class SamplingParams(msgspec.Struct, tag="sampling", frozen=True):
     # Log-probabilities of the prompt's own tokens (positions 1..n-1) and this many alternatives
     # each, computed in the prefill; None: not wanted. Such a request skips the prefix cache.
     prompt_logprobs: int | None = None
+    structured: StructuredOutput | None = None
 
     @property
     def greedy(self) -> bool:

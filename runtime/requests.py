@@ -14,6 +14,7 @@ from typing import Any
 
 from runtime.errors import RequestError
 from runtime.protocol import SamplingParams
+from runtime.structured import STRUCTURED_FIELDS, parse_structured
 from runtime.tools import check_message_tool_fields, parse_parallel_tool_calls, parse_tool_choice, parse_tools
 
 __all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "check_fields", "parse_chat_request", "parse_count",
@@ -29,10 +30,11 @@ _COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_tokens", "logprobs", "n", "stream", "stream_options", "return_token_ids",
     "skip_special_tokens", "user", "presence_penalty", "frequency_penalty", "repetition_penalty",
+    *STRUCTURED_FIELDS,
 }
 SUPPORTED_FIELDS: dict[str, frozenset[str]] = {
     "chat": frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
-                                        "tools", "tool_choice", "parallel_tool_calls", "response_format"}),
+                                        "tools", "tool_choice", "parallel_tool_calls"}),
     "completions": frozenset(_COMMON_FIELDS | {"prompt", "echo"}),
     # vLLM's /tokenize (a prompt, or chat messages rendered as for /v1/chat/completions) and /detokenize.
     "tokenize": frozenset({"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
@@ -58,9 +60,6 @@ def check_fields(body: dict[str, Any], endpoint: str) -> None:
     if body.get("add_generation_prompt") is False:
         raise RequestError("add_generation_prompt false is not supported: prompts end with the assistant's turn "
                            "opened, as /v1/chat/completions renders them", "add_generation_prompt")
-    response_format = body.get("response_format")
-    if response_format is not None and response_format != {"type": "text"}:
-        raise RequestError("response_format other than {'type': 'text'} is not supported yet", "response_format")
 
 
 def parse_prompts(prompt: Any, vocab_size: int, name: str = "prompt") -> list[str | list[int]]:
@@ -241,9 +240,12 @@ def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
         top_logprobs=_int(body.get("top_logprobs") or 0, "top_logprobs", low=0, high=20),
         skip_special_tokens=_bool(body.get("skip_special_tokens", True), "skip_special_tokens"),
         prompt_logprobs=prompt_logprobs,
+        structured=parse_structured(body),
     )
     if params.max_tokens is not None and params.min_tokens > params.max_tokens:
         raise RequestError("min_tokens must not exceed max_tokens", "min_tokens")
+    if params.structured is not None and params.min_tokens:  # the grammar decides where the output ends
+        raise RequestError("min_tokens cannot be combined with structured output", "min_tokens")
     return params
 
 

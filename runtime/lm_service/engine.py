@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from runtime.errors import RequestError
+from runtime.lm_service.grammar import GrammarBook
 from runtime.lm_service.kv_cache import PagedLatentCache
 from runtime.lm_service.request_state import EngineRequest, RequestState
 from runtime.lm_service.runner import ImageRows, ModelRunner, StepInput
@@ -133,6 +134,8 @@ class Engine:
         self._generated: deque[tuple[float, int]] = deque(maxlen=200)
         self._generator = torch.Generator()  # draws for the requests without a seed of their own
         self._generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        self.grammars = GrammarBook(tokenizer, model_config.text.vocab_size, eos_token_ids,
+                                    threads=config.threads_per_rank)
 
     @classmethod
     def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
@@ -160,7 +163,10 @@ class Engine:
         max_tokens = self._max_tokens(request)
         seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), spans,
                        reads_prefix_cache=request.params.prompt_logprobs is None)
-        self.states[request.request_id] = RequestState(request, seq, max_tokens, self.eos_token_ids, self.tokenizer)
+        spec = request.params.structured
+        grammar = self.grammars.open(request.request_id, spec) if spec is not None else None
+        self.states[request.request_id] = RequestState(request, seq, max_tokens, self.eos_token_ids, self.tokenizer,
+                                                       grammar)
         self.embeddings[request.request_id] = {}
         self.scheduler.add(seq)
 
@@ -274,10 +280,11 @@ class Engine:
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         logits = logits.cpu()  # per-request generators are CPU generators; rows are small
         states = [self.states[chunk.seq.request_id] for chunk in chunks]
+        raw = self.grammars.mask(states, logits) if self.grammars.live else {}  # structured output
         tokens = self._choose(states, logits)
         outputs = []
-        for state, token, row in zip(states, tokens, logits, strict=True):
-            out = state.accept(token, row) if state.max_tokens else state.finish_prompt_only()
+        for i, (state, token, row) in enumerate(zip(states, tokens, logits, strict=True)):
+            out = state.accept(token, raw.get(i, row)) if state.max_tokens else state.finish_prompt_only()
             if out.finished:
                 self._release(state)
             outputs.append(out)
@@ -315,6 +322,7 @@ class Engine:
     def _release(self, state: RequestState) -> None:
         self.scheduler.remove(state.seq)
         self.embeddings.pop(state.request_id, None)
+        self.grammars.close(state.request_id)
         del self.states[state.request_id]
         self.hooks.released(state.request_id)
 

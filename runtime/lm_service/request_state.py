@@ -31,8 +31,11 @@ class EngineRequest:
 
 class RequestState:
     def __init__(self, request: EngineRequest, seq: Sequence, max_tokens: int, eos_ids: tuple[int, ...],
-                 tokenizer: Any | None):
+                 tokenizer: Any | None, grammar: Any | None = None):
         self.request, self.seq, self.params = request, seq, request.params
+        self.grammar = grammar  # the request's matcher (runtime.lm_service.grammar), fed every token
+        # The grammar decides where a constrained answer ends (the router refuses min_tokens with one).
+        self.min_tokens = self.params.min_tokens if grammar is None else 0
         self.max_tokens = max_tokens
         self.stop_ids = frozenset(() if self.params.ignore_eos else eos_ids) | frozenset(self.params.stop_token_ids)
         self.generator = new_generator(self.params)
@@ -69,7 +72,7 @@ class RequestState:
         no seed, no top-k / top-p / min-p, no stop ids banned (then the engine samples it together
         with the other plain rows); None otherwise."""
         p = self.params
-        if self.num_output < p.min_tokens and self.stop_ids:
+        if self.num_output < self.min_tokens and self.stop_ids:
             return None
         if p.greedy:
             return 0.0
@@ -78,7 +81,7 @@ class RequestState:
 
     def sample(self, logits: torch.Tensor) -> int:
         """logits [vocab] float32 -> next token (stop ids are banned until min_tokens is reached)."""
-        banned = sorted(self.stop_ids) if self.num_output < self.params.min_tokens else []
+        banned = sorted(self.stop_ids) if self.num_output < self.min_tokens else []
         return choose(suppress(logits, banned), self.params, self.generator)
 
     def finish_prompt_only(self) -> RequestOutput:
@@ -86,7 +89,11 @@ class RequestState:
         return self.output([], "", "length")
 
     def accept(self, token: int, logits: torch.Tensor | None) -> RequestOutput:
-        """Record the sampled token; return this step's delta (finished when a stop rule fired)."""
+        """Record the sampled token; return this step's delta (finished when a stop rule fired, or
+        with an error if the request's grammar rejects the token, which its mask should prevent)."""
+        if self.grammar is not None and not self.grammar.consume_token(token):
+            return self.output([], "", "error", error=f"structured output: the grammar rejected token {token} "
+                               f"({self.grammar.get_error().partition(chr(10))[0]})", error_type="internal")
         self.seq.token_ids.append(token)
         logprobs = None
         if self.params.logprobs and logits is not None:
@@ -96,11 +103,13 @@ class RequestState:
         return self.output([token], text, reason, logprobs)
 
     def _stop_reason_and_text(self, token: int) -> tuple[str | None, str]:
-        if token in self.stop_ids and self.num_output >= self.params.min_tokens:
+        if token in self.stop_ids and self.num_output >= self.min_tokens:
             return "stop", self.detok.finish() if self.detok else ""  # the stop token itself is not shown
         text = self.detok.push([token]) if self.detok else ""
         if self.detok is not None and self.detok.stopped:
             return "stop", text
+        if self.grammar is not None and self.grammar.is_stopped():  # the grammar allows nothing more
+            return "stop", text + (self.detok.finish() if self.detok else "")
         if self.num_output >= self.max_tokens:
             return "length", text + (self.detok.finish() if self.detok else "")
         return None, text

@@ -88,7 +88,6 @@ def test_defaults_from_generation_config_fill_only_missing_fields() -> None:
         ("chat", _body(prompt="x"), "prompt"),
         ("chat", _body(presence_penalty=0.5), "presence_penalty"),
         ("chat", _body(repetition_penalty=1.1), "repetition_penalty"),
-        ("chat", _body(response_format={"type": "json_object"}), "response_format"),
         ("completions", {"prompt": "x", "suffix": "y"}, "suffix"),
         ("completions", {"prompt": "x", "messages": []}, "messages"),
         ("completions", {"prompt": "x", "best_of": 2}, "best_of"),

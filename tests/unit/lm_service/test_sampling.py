@@ -50,3 +50,22 @@ def test_rows_sampled_together_follow_each_rows_temperature() -> None:
     assert set(third) == {0, 1, 2, 3, 4}
     expected = torch.softmax(LOGITS, -1)  # temperature 1: the row's own distribution
     assert abs(third.count(1) / 300 - float(expected[1])) < 0.1
+
+
+def test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows() -> None:
+    from runtime.lm_service.sampling import apply_token_bitmask
+
+    g = torch.Generator().manual_seed(0)
+    vocab, rows = 100, [3, 0]  # 100 tokens: the mask's 4 words cover 128, the last 28 bits unused
+    bitmask = torch.randint(-(2**31), 2**31 - 1, (2, 4), dtype=torch.int32, generator=g)
+    logits = torch.randn(5, vocab, generator=g)
+    before = logits.clone()
+    apply_token_bitmask(logits, bitmask, rows)
+    for k, row in enumerate(rows):
+        for token in range(vocab):
+            bit = (int(bitmask[k, token // 32]) >> (token % 32)) & 1
+            assert logits[row, token] == (before[row, token] if bit else float("-inf"))
+    assert torch.equal(logits[[1, 2, 4]], before[[1, 2, 4]])
+    narrow = torch.full((1, 2), -1, dtype=torch.int32)  # covers 64 tokens: the rest is banned
+    apply_token_bitmask(logits, narrow, [1])
+    assert torch.isfinite(logits[1, :64]).all() and torch.isinf(logits[1, 64:]).all()
