@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from runtime.checkpoint.tokenizer import TOKENIZER_FORMATS
 from runtime.errors import RuntimeServingError
 
 DEFAULT_DEMO_DIR = Path("checkpoints/tiny")
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="config.json dialect if it should differ from the weights' (a mixed directory)")
     mk.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     mk.add_argument("--shards", type=int, default=1, help="split the weights into N safetensors files")
+    mk.add_argument("--tokenizer", choices=list(TOKENIZER_FORMATS), default="tokenizers",
+                    help="tokenizers: tokenizer.json; tiktoken: the official release's tiktoken.model with its "
+                         "tokenization_kimi.py (loads only with --trust-remote-code)")
 
     gen = sub.add_parser("generate", help="offline generation over a JSONL file of chat requests")
     gen.add_argument("--model", required=True)
@@ -75,8 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
 
-    out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards)
-    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}) to {out}")
+    out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards,
+                          args.tokenizer)
+    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}, {args.tokenizer} tokenizer) to {out}")
     return 0
 
 
