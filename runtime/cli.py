@@ -48,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
     gen.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget of one step")
     gen.add_argument("--kv-cache-mb", type=int, default=256, help="bytes of paged latent KV cache, in MiB")
+    _add_trust_remote_code(gen)
 
     demo = sub.add_parser("demo", help="build the tiny checkpoint (once) and answer a request with an image")
     demo.add_argument("--model", default=str(DEFAULT_DEMO_DIR))
+    _add_trust_remote_code(demo)
 
     srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server on a local Ray cluster")
     srv.add_argument("--model", default=None, help="checkpoint directory or 'tiny' (default: the config's)")
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     srv.add_argument("--host", default=None, help="HTTP address (default: the config's, 127.0.0.1)")
     srv.add_argument("--once", action="store_true",
                      help="send one request with an image over HTTP, print the answer and stop")
+    _add_trust_remote_code(srv, "(default: the config's trust_remote_code, false)")
 
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_command", required=True)
     from runtime.benchmark.serve_bench import add_arguments
@@ -76,6 +79,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _add_trust_remote_code(parser: argparse.ArgumentParser, default: str = "") -> None:
+    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="let the checkpoint's own Python code run: a tokenizer class named by its "
+                             f"tokenizer_config.json auto_map {default}".rstrip())
+
+
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
 
@@ -91,7 +100,8 @@ def _generate(args: argparse.Namespace) -> int:
     from runtime.lm_service.offline import OfflineLLM
 
     config = EngineConfig(dtype=args.dtype, ep_size=args.ep_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mb << 20)
+                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mb << 20,
+                          trust_remote_code=bool(args.trust_remote_code))
     llm = OfflineLLM(args.model, config)
     try:
         lines = [line for line in Path(args.requests).read_text().splitlines() if line.strip()]
@@ -130,6 +140,7 @@ def _error(message: str, kind: str, field: str | None) -> dict:
 
 def _demo(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
+    from runtime.lm_service.engine import EngineConfig
     from runtime.lm_service.offline import OfflineLLM
     from runtime.requests import parse_chat_request
 
@@ -137,7 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").exists():
         make_checkpoint(model_dir, "tiny", seed=0)
         print(f"built the tiny checkpoint in {model_dir}")
-    model = OfflineLLM(model_dir)
+    model = OfflineLLM(model_dir, EngineConfig(trust_remote_code=bool(args.trust_remote_code)))
     body = {
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": sample_image_data_url()}},
@@ -158,9 +169,12 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import ray
 
+    from runtime.config import AppConfig
     from runtime.router import launch
 
-    config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host)
+    overrides = {"trust_remote_code": True} if args.trust_remote_code else None
+    config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host, overrides)
+    AppConfig.model_validate(config["applications"][0].get("args") or {})  # a refused checkpoint stops here
     url = launch.base_url(config)
     launch.check_port_free(config)  # else /health would be answered by whatever holds the port
     os.environ.update(launch.ray_environment(config))  # before Ray starts: its processes inherit them

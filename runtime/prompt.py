@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer
 
+from runtime.checkpoint.tokenizer_loader import load_tokenizer
 from runtime.errors import RequestError
 from runtime.models.config import ModelConfig
 from runtime.vision_service.preprocess import ProcessorConfig, placeholder_count
@@ -44,8 +44,9 @@ class PromptBuilder:
         self.max_context = max_context
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, cfg: ModelConfig, processor: ProcessorConfig) -> PromptBuilder:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    def from_dir(cls, model_dir: str | Path, cfg: ModelConfig, processor: ProcessorConfig,
+                 trust_remote_code: bool) -> PromptBuilder:
+        tokenizer = load_tokenizer(model_dir, trust_remote_code)
         return cls(tokenizer, cfg.image_token_id, processor, cfg.text.max_position_embeddings)
 
     def render(self, messages: list[dict[str, Any]], tools: list | None = None, **kwargs: Any) -> str:

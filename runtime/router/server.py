@@ -61,7 +61,8 @@ class Router:
         self.config = AppConfig.model_validate(config)
         self.model = self.config.name
         self.lm, self.vision = lm, vision
-        self.prep = RequestPreparer(model_dir, self.config.dtype, self.config.image_limits())
+        self.prep = RequestPreparer(model_dir, self.config.dtype, self.config.trust_remote_code,
+                                    self.config.image_limits())
         self.think_ids = api.think_token_ids(self.prep.tokenizer)
         self.limits = self.config.request_limits()
         urls = self.config.image_urls

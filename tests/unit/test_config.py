@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from runtime.config import AppConfig
+from runtime.errors import RemoteCodeRefusedError
 from runtime.lm_service.engine import EngineConfig
 from runtime.vision_service.encoder import VisionConfig
 
@@ -54,3 +55,12 @@ def test_the_engine_steps_in_its_own_process_unless_expert_parallel() -> None:
     assert not AppConfig.model_validate({"engine": {"engine_process": False}}).engine.separate_process
     with pytest.raises(ValidationError, match="engine_process needs ep_size 1"):
         AppConfig.model_validate({"engine": {"ep_size": 2, "engine_process": True}})
+
+
+def test_checkpoint_code_needs_trust_remote_code(checkpoints) -> None:
+    path = str(checkpoints("tiny", tokenizer="tiktoken"))
+    with pytest.raises(RemoteCodeRefusedError, match="trust_remote_code: true"):
+        AppConfig.model_validate({"model": path})
+    config = AppConfig.model_validate({"model": path, "trust_remote_code": True})
+    assert EngineConfig(**config.engine_config()).trust_remote_code
+    assert not EngineConfig(**AppConfig().engine_config()).trust_remote_code
