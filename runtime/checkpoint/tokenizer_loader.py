@@ -9,6 +9,7 @@ change, before transformers would ask on stdin, raise its own error, or quietly 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,18 @@ def check_tokenizer_code(model_dir: str | Path, trust_remote_code: bool) -> None
     module = ref.split("--")[-1].rsplit(".", 1)[0]
     if "--" not in ref and not (Path(model_dir) / f"{module}.py").is_file():
         raise CheckpointError(f"tokenizer_config.json names {ref!r} but {model_dir} has no {module}.py")
+
+
+def text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
+    """text -> the ids `tokenizer(text, add_special_tokens=False)` gives (special tokens inside the text
+    included). A tiktoken-backed tokenizer (the release's TikTokenTokenizer: its `model` is a tiktoken.Encoding)
+    encodes with its own `encode(text)`, tiktoken itself without PreTrainedTokenizer's Python pre-split of the
+    text at added tokens: the same ids, 6.5x faster on a 2k-token prompt (bench/tokenizer_encode.py)."""
+    import tiktoken
+
+    if isinstance(getattr(tokenizer, "model", None), tiktoken.Encoding):
+        return tokenizer.encode
+    return lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool) -> Any:

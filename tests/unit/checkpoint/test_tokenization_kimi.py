@@ -10,7 +10,7 @@ import pytest
 
 from runtime.checkpoint.assets.tokenization_kimi import MAX_RUN_CHARS, load_ranks, split_long_runs
 from runtime.checkpoint.tokenizer import SPECIAL_TOKENS
-from runtime.checkpoint.tokenizer_loader import load_tokenizer
+from runtime.checkpoint.tokenizer_loader import load_tokenizer, text_encoder
 from runtime.models.config import load_model_config
 
 REGULAR_VOCAB = 512
@@ -73,10 +73,21 @@ def test_ranks_merge_bytes_within_and_across_characters(path: Path) -> None:
 
 
 @pytest.mark.parametrize("text", CORPUS)
-def test_encode_agrees_with_the_transformers_path_and_round_trips(tok: Any, text: str) -> None:
+def test_fast_path_ids_equal_the_class_ids_and_decode_round_trips(tok: Any, text: str) -> None:
     ids = tok(text, add_special_tokens=False)["input_ids"]
-    assert tok.encode(text) == ids == tok.encode(text, add_special_tokens=False)
+    assert text_encoder(tok)(text) == ids == tok.encode(text, add_special_tokens=False)
     assert tok.decode(ids) == text
+
+
+def test_fast_path_on_the_whole_corpus_at_once(tok: Any) -> None:
+    text = "\n".join(CORPUS) * 3
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert text_encoder(tok)(text) == ids and len(ids) > 500
+    assert tok.decode(ids) == text
+
+
+def test_standard_tokenizer_keeps_the_transformers_path(std: Any) -> None:
+    assert text_encoder(std)("hi<|im_end|>") == std("hi<|im_end|>", add_special_tokens=False)["input_ids"]
 
 
 def test_special_tokens_inside_text(tok: Any) -> None:
