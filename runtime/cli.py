@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _add_trust_remote_code(parser: argparse.ArgumentParser, default: str = "") -> None:
-    parser.add_argument("--trust-remote-code", action="store_true", default=None,
+    parser.add_argument("--trust-remote-code", action="store_true",
                         help="let the checkpoint's own Python code run: a tokenizer class named by its "
                              f"tokenizer_config.json auto_map {default}".rstrip())
 
@@ -101,7 +101,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     config = EngineConfig(dtype=args.dtype, ep_size=args.ep_size, max_num_seqs=args.max_num_seqs,
                           max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mb << 20,
-                          trust_remote_code=bool(args.trust_remote_code))
+                          trust_remote_code=args.trust_remote_code)
     llm = OfflineLLM(args.model, config)
     try:
         lines = [line for line in Path(args.requests).read_text().splitlines() if line.strip()]
@@ -148,7 +148,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").exists():
         make_checkpoint(model_dir, "tiny", seed=0)
         print(f"built the tiny checkpoint in {model_dir}")
-    model = OfflineLLM(model_dir, EngineConfig(trust_remote_code=bool(args.trust_remote_code)))
+    model = OfflineLLM(model_dir, EngineConfig(trust_remote_code=args.trust_remote_code))
     body = {
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": sample_image_data_url()}},
