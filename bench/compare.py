@@ -341,7 +341,7 @@ def run_transformers(args: argparse.Namespace, workloads: list[str]) -> dict[str
 
     torch.set_num_threads(args.hf_threads)
     model = reference_model(str(args.model))
-    preparer = RequestPreparer(args.model, "float32")
+    preparer = RequestPreparer(args.model, "float32", trust_remote_code=False)
     warm = build_requests(make_spec(args, workloads[-1], 1, num_requests=2, seed=999), "m")
     for body in warm:
         time_generate(model, hf_inputs(preparer, body), 4)

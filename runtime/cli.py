@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from runtime.checkpoint.tokenizer import TOKENIZER_FORMATS
 from runtime.errors import RuntimeServingError
 
 DEFAULT_DEMO_DIR = Path("checkpoints/tiny")
@@ -34,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="config.json dialect if it should differ from the weights' (a mixed directory)")
     mk.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     mk.add_argument("--shards", type=int, default=1, help="split the weights into N safetensors files")
+    mk.add_argument("--tokenizer", choices=list(TOKENIZER_FORMATS), default="tokenizers",
+                    help="tokenizers: tokenizer.json; tiktoken: the official release's tiktoken.model with its "
+                         "tokenization_kimi.py (loads only with --trust-remote-code)")
 
     gen = sub.add_parser("generate", help="offline generation over a JSONL file of chat requests")
     gen.add_argument("--model", required=True)
@@ -44,9 +48,11 @@ def main(argv: list[str] | None = None) -> int:
     gen.add_argument("--max-num-seqs", type=int, default=64, help="requests decoded together at most")
     gen.add_argument("--max-num-batched-tokens", type=int, default=1024, help="token budget of one step")
     gen.add_argument("--kv-cache-mb", type=int, default=256, help="bytes of paged latent KV cache, in MiB")
+    _add_trust_remote_code(gen)
 
     demo = sub.add_parser("demo", help="build the tiny checkpoint (once) and answer a request with an image")
     demo.add_argument("--model", default=str(DEFAULT_DEMO_DIR))
+    _add_trust_remote_code(demo)
 
     srv = sub.add_parser("serve", help="start the OpenAI-compatible HTTP server on a local Ray cluster")
     srv.add_argument("--model", default=None, help="checkpoint directory or 'tiny' (default: the config's)")
@@ -57,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="the names clients use for the model (default: --model as given, and its folder's name)")
     srv.add_argument("--once", action="store_true",
                      help="send one request with an image over HTTP, print the answer and stop")
+    _add_trust_remote_code(srv, "(default: the config's trust_remote_code, false)")
 
     _add_plan_arguments(sub.add_parser("plan", help="memory per expert-parallel rank, from config.json alone"))
 
@@ -76,11 +83,18 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _add_trust_remote_code(parser: argparse.ArgumentParser, default: str = "") -> None:
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="let the checkpoint's own Python code run: a tokenizer class named by its "
+                             f"tokenizer_config.json auto_map {default}".rstrip())
+
+
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
 
-    out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards)
-    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}) to {out}")
+    out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards,
+                          args.tokenizer)
+    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}, {args.tokenizer} tokenizer) to {out}")
     return 0
 
 
@@ -90,7 +104,8 @@ def _generate(args: argparse.Namespace) -> int:
     from runtime.lm_service.offline import OfflineLLM
 
     config = EngineConfig(dtype=args.dtype, ep_size=args.ep_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mb << 20)
+                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mb << 20,
+                          trust_remote_code=args.trust_remote_code)
     llm = OfflineLLM(args.model, config)
     try:
         lines = [line for line in Path(args.requests).read_text().splitlines() if line.strip()]
@@ -129,6 +144,7 @@ def _error(message: str, kind: str, field: str | None) -> dict:
 
 def _demo(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
+    from runtime.lm_service.engine import EngineConfig
     from runtime.lm_service.offline import OfflineLLM
     from runtime.requests import parse_chat_request
 
@@ -136,7 +152,7 @@ def _demo(args: argparse.Namespace) -> int:
     if not (model_dir / "config.json").exists():
         make_checkpoint(model_dir, "tiny", seed=0)
         print(f"built the tiny checkpoint in {model_dir}")
-    model = OfflineLLM(model_dir)
+    model = OfflineLLM(model_dir, EngineConfig(trust_remote_code=args.trust_remote_code))
     body = {
         "messages": [{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": sample_image_data_url()}},
@@ -157,10 +173,14 @@ def _demo(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import ray
 
+    from runtime.config import AppConfig
     from runtime.router import launch
 
-    names = {"served_model_name": args.served_model_name} if args.served_model_name else {}
-    config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host, names)
+    overrides: dict[str, Any] = {"trust_remote_code": True} if args.trust_remote_code else {}
+    if args.served_model_name:
+        overrides["served_model_name"] = args.served_model_name
+    config = launch.load_config(args.config or launch.DEFAULT_CONFIG, args.model, args.port, args.host, overrides)
+    AppConfig.model_validate(config["applications"][0].get("args") or {})  # a refused checkpoint stops here
     url = launch.base_url(config)
     launch.check_port_free(config)  # else /health would be answered by whatever holds the port
     os.environ.update(launch.ray_environment(config))  # before Ray starts: its processes inherit them

@@ -13,6 +13,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from runtime.checkpoint.tokenizer_loader import check_tokenizer_code
 from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.vision_client import VisionClientConfig
 from runtime.requests import RequestLimits
@@ -84,6 +85,8 @@ class ImageUrlArgs(_Section):
 
 class AppConfig(_Section):
     model: str = Field(TINY, description="checkpoint directory, or 'tiny' for the embedded default")
+    trust_remote_code: bool = Field(False, description="let the checkpoint's own Python code run: a tokenizer "
+                                                       "class named by its tokenizer_config.json auto_map")
     served_model_name: list[str] | None = Field(
         None, description="the names clients use for the model (default: `model` as given, and its folder's name)")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
@@ -122,6 +125,13 @@ class AppConfig(_Section):
         `model` as given, a path for a directory, unless served_model_name replaces it)."""
         return list(self.served_model_name or [self.model])
 
+    @model_validator(mode="after")
+    def _model_code_is_trusted(self) -> AppConfig:
+        """At deploy time, not in a replica: RemoteCodeRefusedError names this setting."""
+        if self.model != TINY:
+            check_tokenizer_code(Path(self.model).expanduser(), self.trust_remote_code)
+        return self
+
     @property
     def name(self) -> str:
         return self.served_names[0]
@@ -151,7 +161,7 @@ class AppConfig(_Section):
                               kv_cache_bytes=e.kv_cache_mb * MiB, kv_fp8=e.kv_fp8, max_num_seqs=e.max_num_seqs,
                               max_num_batched_tokens=e.max_num_batched_tokens, prefix_caching=e.prefix_caching,
                               ep_size=e.ep_size, ep_timeout_s=e.ep_timeout_s, threads_per_rank=e.threads_per_rank,
-                              stream_interval_s=e.stream_interval_ms / 1e3)
+                              stream_interval_s=e.stream_interval_ms / 1e3, trust_remote_code=self.trust_remote_code)
         return config.__dict__.copy()
 
     def rank_resources(self) -> dict[str, float]:

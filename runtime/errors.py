@@ -41,6 +41,18 @@ class CorruptCheckpointError(CheckpointError):
     """A safetensors file or index cannot be parsed."""
 
 
+class RemoteCodeRefusedError(CheckpointError):
+    """The checkpoint's tokenizer is a class that ships in the checkpoint as Python code, and running the
+    checkpoint's code was not allowed."""
+
+    def __init__(self, model_dir: str, class_ref: str) -> None:
+        super().__init__(
+            f"the tokenizer of {model_dir} is {class_ref!r}, Python code that ships in the checkpoint "
+            f"(tokenizer_config.json auto_map); it runs only if you trust the checkpoint: set "
+            f"`trust_remote_code: true` in the deploy YAML's args, or pass --trust-remote-code")
+        self.model_dir, self.class_ref = model_dir, class_ref
+
+
 # --- images ------------------------------------------------------------------------------------
 
 

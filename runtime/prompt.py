@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import TemplateError
-from transformers import AutoTokenizer
 
+from runtime.checkpoint.tokenizer_loader import load_tokenizer, text_encoder
 from runtime.errors import RequestError
 from runtime.models.config import ModelConfig
 from runtime.vision_service.preprocess import ProcessorConfig, placeholder_count
@@ -39,13 +39,15 @@ class GenerationDefaults:
 class PromptBuilder:
     def __init__(self, tokenizer: Any, image_token_id: int, processor: ProcessorConfig, max_context: int):
         self.tokenizer = tokenizer
+        self.encode = text_encoder(tokenizer)
         self.image_token_id = image_token_id
         self.processor = processor
         self.max_context = max_context
 
     @classmethod
-    def from_dir(cls, model_dir: str | Path, cfg: ModelConfig, processor: ProcessorConfig) -> PromptBuilder:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    def from_dir(cls, model_dir: str | Path, cfg: ModelConfig, processor: ProcessorConfig,
+                 trust_remote_code: bool) -> PromptBuilder:
+        tokenizer = load_tokenizer(model_dir, trust_remote_code)
         return cls(tokenizer, cfg.image_token_id, processor, cfg.text.max_position_embeddings)
 
     def render(self, messages: list[dict[str, Any]], tools: list | None = None, **kwargs: Any) -> str:
@@ -65,7 +67,7 @@ class PromptBuilder:
     ) -> list[int]:
         """Rendered, tokenized and expanded prompt; image_sizes are (height, width) in order."""
         text = self.render(messages, tools, **(template_kwargs or {}))
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids = self.encode(text)
         return self.expand_placeholders(ids, image_sizes)
 
     def expand_placeholders(self, ids: list[int], image_sizes: list[tuple[int, int]]) -> list[int]:

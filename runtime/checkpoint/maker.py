@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from runtime.checkpoint import names as N
 from runtime.checkpoint.presets import PRESETS, Preset
-from runtime.checkpoint.tokenizer import build_tokenizer, write_tokenizer
+from runtime.checkpoint.tokenizer import TOKENIZER_FORMATS, build_tokenizer, write_tiktoken_tokenizer, write_tokenizer
 from runtime.models.config import ModelConfig, RopeConfig, TextConfig, VisionConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
 from runtime.models.moonvit import VisionTower
@@ -34,16 +34,24 @@ def make_checkpoint(
     dtype: str = "float32",
     config_dialect: N.WeightDialect | None = None,
     shards: int = 1,
+    tokenizer: str = "tokenizers",
 ) -> Path:
+    """`tokenizer`: "tokenizers" (tokenizer.json) or "tiktoken" (the release's tiktoken.model and
+    tokenization_kimi.py, which load only with trust_remote_code); the same vocabulary and weights either way."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if tokenizer not in TOKENIZER_FORMATS:
+        raise ValueError(f"unknown tokenizer format {tokenizer!r}; choose from {list(TOKENIZER_FORMATS)}")
     spec = PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer()
     vocab = math.ceil(tok.get_vocab_size() / 64) * 64  # spare rows, as real vocabularies have
     text = spec.text_config(vocab)
-    ids = write_tokenizer(out, tok, text.max_position_embeddings)
+    if tokenizer == "tiktoken":
+        ids = write_tiktoken_tokenizer(out, tok, text.max_position_embeddings, vocab)
+    else:
+        ids = write_tokenizer(out, tok, text.max_position_embeddings)
 
     generator = torch.Generator().manual_seed(seed)
     vision = VisionTower(spec.vision, text.hidden_size)

@@ -1,12 +1,17 @@
 """A small byte-level BPE tokenizer with Kimi-K2.5's special tokens, for the tiny checkpoints.
 
-Built with the `tokenizers` library and saved as tokenizer.json + tokenizer_config.json +
-chat_template.jinja, so `transformers.AutoTokenizer.from_pretrained(dir)` loads it offline.
-Special tokens follow the regular vocabulary, in the real model's relative order.
+Built with the `tokenizers` library and saved in one of two formats, both loaded by
+`transformers.AutoTokenizer.from_pretrained(dir)` offline:
+- "tokenizers": tokenizer.json + tokenizer_config.json + chat_template.jinja;
+- "tiktoken", the official release's: tiktoken.model (the same BPE as ranks) + tokenizer_config.json whose
+  auto_map names tokenization_kimi.TikTokenTokenizer, a class that ships in the checkpoint as code (ours:
+  assets/tokenization_kimi.py) and so loads only with trust_remote_code=True.
+Special tokens follow the regular vocabulary, in the real model's relative order, with the same ids in both.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from importlib import resources
 from pathlib import Path
@@ -73,21 +78,59 @@ def build_tokenizer(vocab_size: int = 512) -> Tokenizer:
 
 
 def chat_template() -> str:
-    return resources.files("runtime.checkpoint").joinpath("assets/chat_template.jinja").read_text()
+    return _asset("chat_template.jinja")
+
+
+def _asset(name: str) -> str:
+    return resources.files("runtime.checkpoint").joinpath("assets", name).read_text()
+
+
+TOKENIZER_FORMATS = ("tokenizers", "tiktoken")
+TIKTOKEN_FILE = "tiktoken.model"
+TIKTOKEN_CLASS_FILE = "tokenization_kimi.py"
+TIKTOKEN_CLASS = "tokenization_kimi.TikTokenTokenizer"
+NAMED_TOKENS = {"bos_token": "[BOS]", "eos_token": "[EOS]", "pad_token": "[PAD]", "unk_token": "[UNK]"}
 
 
 def write_tokenizer(out: Path, tok: Tokenizer, max_length: int) -> dict[str, int]:
-    """Write the tokenizer files; return the special token ids."""
+    """Write tokenizer.json and its config; return the special token ids."""
     tok.save(str(out / "tokenizer.json"))
     ids = {t: _token_id(tok, t) for t, _ in SPECIAL_TOKENS}
+    _write_config(out, ids, max_length, {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": False,
+                                         "add_eos_token": False})
+    return ids
+
+
+def write_tiktoken_tokenizer(out: Path, tok: Tokenizer, max_length: int, vocab_size: int) -> dict[str, int]:
+    """The release's format: tiktoken.model (the same BPE, a token's rank being its id in `tok`), the
+    tokenizer class file, and a config whose auto_map names it. The special tokens keep their ids in `tok`,
+    the first ones after the ranks, and the reserved ids fill the vocabulary up to vocab_size, as in the
+    release. Return the special token ids."""
+    from runtime.checkpoint.assets.tokenization_kimi import byte_alphabet  # imports tiktoken and transformers
+
+    ids = {t: _token_id(tok, t) for t, _ in SPECIAL_TOKENS}
+    ranks = tok.get_vocab(with_added_tokens=False)
+    if sorted(ranks.values()) != list(range(len(ranks))) or min(ids.values()) != len(ranks):
+        raise ValueError("the BPE's ids are not 0..n-1 followed by the special tokens")
+    byte_of = {c: b for b, c in byte_alphabet().items()}
+    lines = [f"{base64.b64encode(bytes(byte_of[c] for c in token)).decode()} {i}"
+             for token, i in sorted(ranks.items(), key=lambda item: item[1])]
+    (out / TIKTOKEN_FILE).write_text("\n".join(lines) + "\n")
+    (out / TIKTOKEN_CLASS_FILE).write_text(_asset(TIKTOKEN_CLASS_FILE))
+    named = set(NAMED_TOKENS.values())
+    _write_config(out, ids, max_length, {
+        "tokenizer_class": "TikTokenTokenizer",
+        "auto_map": {"AutoTokenizer": [TIKTOKEN_CLASS, None]},
+        "additional_special_tokens": [t for t, special in SPECIAL_TOKENS if special and t not in named],
+        "num_reserved_special_tokens": vocab_size - len(ranks),
+    })
+    return ids
+
+
+def _write_config(out: Path, ids: dict[str, int], max_length: int, extra: dict) -> None:
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "[BOS]",
-        "eos_token": "[EOS]",
-        "pad_token": "[PAD]",
-        "unk_token": "[UNK]",
-        "add_bos_token": False,
-        "add_eos_token": False,
+        **extra,
+        **NAMED_TOKENS,
         "clean_up_tokenization_spaces": False,
         "model_max_length": max_length,
         "added_tokens_decoder": {
@@ -98,7 +141,6 @@ def write_tokenizer(out: Path, tok: Tokenizer, max_length: int) -> dict[str, int
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "chat_template.jinja").write_text(chat_template())
-    return ids
 
 
 def _token_id(tok: Tokenizer, text: str) -> int:

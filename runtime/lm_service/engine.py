@@ -48,6 +48,7 @@ class EngineConfig:
     ep_timeout_s: float = 120.0
     threads_per_rank: int = 1
     stream_interval_s: float = 0.0  # async streams merge outputs after the first over this interval
+    trust_remote_code: bool = False  # may the checkpoint's own tokenizer code run (runtime.checkpoint.tokenizer_loader)
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:

@@ -7,9 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from transformers import AutoTokenizer
-
 from runtime.checkpoint.loader import load_language_model
+from runtime.checkpoint.tokenizer_loader import load_tokenizer
 from runtime.lm_service.expert_parallel import ExpertGroup, RankLauncher, spawn_process
 from runtime.models.config import ModelConfig, load_model_config
 from runtime.models.deepseek_v3 import DeepseekV3LM
@@ -32,6 +31,7 @@ def load_engine_parts(model_dir: str | Path, config: EngineConfig,
                       launch: RankLauncher | None = None) -> EngineParts:
     """`launch` starts the expert-parallel worker ranks (default: child processes of this one)."""
     cfg = load_model_config(model_dir)
+    tokenizer = load_tokenizer(model_dir, config.trust_remote_code)  # first: a refusal costs no weight loading
 
     def load_local(experts: tuple[int, int] | None) -> DeepseekV3LM:
         return load_language_model(model_dir, cfg, config.torch_dtype, config.device, expert_range=experts)
@@ -43,6 +43,5 @@ def load_engine_parts(model_dir: str | Path, config: EngineConfig,
                                       cfg.text.n_routed_experts, launch=launch or spawn_process)
     else:
         lm = load_local(None)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     eos = GenerationDefaults.load(model_dir, cfg).eos_token_ids
     return EngineParts(cfg, lm, tokenizer, eos, group)

@@ -72,7 +72,7 @@ class OfflineLLM:
         self.config = self.engine.model_config
         self.processor = load_processor_config(model_dir)
         self.vision = load_vision(model_dir, self.config, config.torch_dtype, config.device)
-        self.prompts = PromptBuilder.from_dir(model_dir, self.config, self.processor)
+        self.prompts = PromptBuilder.from_dir(model_dir, self.config, self.processor, config.trust_remote_code)
         self.defaults = GenerationDefaults.load(model_dir, self.config)
         self.tokenizer = self.prompts.tokenizer
         self.image_limits = image_limits

@@ -20,11 +20,11 @@ from runtime.vision_service.preprocess import ImageLimits, image_size, load_proc
 
 
 class RequestPreparer:
-    def __init__(self, model_dir: str | Path, dtype: str, limits: ImageLimits = ImageLimits()):
+    def __init__(self, model_dir: str | Path, dtype: str, trust_remote_code: bool, limits: ImageLimits = ImageLimits()):
         self.model_dir, self.dtype, self.limits = model_dir, dtype, limits
         self.model_config = load_model_config(model_dir)
         self.processor = load_processor_config(model_dir)
-        self.prompts = PromptBuilder.from_dir(model_dir, self.model_config, self.processor)
+        self.prompts = PromptBuilder.from_dir(model_dir, self.model_config, self.processor, trust_remote_code)
         self.defaults = GenerationDefaults.load(model_dir, self.model_config)
         self.tokenizer = self.prompts.tokenizer
         self.tools_problem = tool_markers_problem(self.tokenizer)  # None: tool calls can be parsed

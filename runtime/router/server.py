@@ -111,7 +111,8 @@ class Router:
         self.model = self.config.name
         self.model_dir = model_dir
         self.lm, self.vision = lm, vision
-        self.prep = RequestPreparer(model_dir, self.config.dtype, self.config.image_limits())
+        self.prep = RequestPreparer(model_dir, self.config.dtype, self.config.trust_remote_code,
+                                    self.config.image_limits())
         self.think_ids = api.think_token_ids(self.prep.tokenizer)
         self.limits = self.config.request_limits()
         urls = self.config.image_urls

@@ -60,7 +60,7 @@ def stream_events(response: requests.Response) -> list:
 
 def test_chat_with_images_equals_transformers(app) -> None:
     served, model_dir = app
-    prep, ref = RequestPreparer(model_dir, "float32"), reference_model(str(model_dir))
+    prep, ref = RequestPreparer(model_dir, "float32", trust_remote_code=False), reference_model(str(model_dir))
     greedy = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     cases = [("what is in the picture", [png(112, 84, seed=3)]), ("compare them", [png(56, 56, seed=4),
                                                                                   png(140, 70, seed=5)]),
@@ -185,7 +185,7 @@ def test_logprobs_stop_and_completions_with_token_ids(app) -> None:
     assert len(content) == 8 and all(len(c["top_logprobs"]) == 3 for c in content)
     assert all(c["logprob"] <= 0 and c["top_logprobs"][0]["logprob"] >= c["logprob"] - 1e-6 for c in content)
 
-    prep = RequestPreparer(model_dir, "float32")
+    prep = RequestPreparer(model_dir, "float32", trust_remote_code=False)
     ids = prep.tokenizer("the quick brown fox")["input_ids"]
     by_ids = post(served, "/v1/completions", {"prompt": ids, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
                                               "logprobs": 2, "return_token_ids": True}).json()
@@ -250,7 +250,7 @@ def test_echo_scores_the_prompt_as_transformers_does(app) -> None:
     import torch
 
     served, model_dir = app
-    prep, ref = RequestPreparer(model_dir, "float32"), reference_model(str(model_dir))
+    prep, ref = RequestPreparer(model_dir, "float32", trust_remote_code=False), reference_model(str(model_dir))
     text = "the quick brown fox jumps over the lazy dog"
     ids = prep.tokenizer(text)["input_ids"]
     with torch.no_grad():
@@ -301,7 +301,7 @@ def test_n_choices_whole_and_streamed(app) -> None:
 
 def test_tokenize_detokenize_version(app) -> None:
     served, model_dir = app
-    prep = RequestPreparer(model_dir, "float32")
+    prep = RequestPreparer(model_dir, "float32", trust_remote_code=False)
     text = "the quick brown fox"
     tokens = post(served, "/tokenize", {"model": "tiny", "prompt": text, "return_token_strs": True}).json()
     assert tokens["tokens"] == prep.tokenizer(text)["input_ids"] and tokens["count"] == len(tokens["tokens"])

@@ -48,7 +48,7 @@ def test_two_lm_replicas_with_two_ep_ranks_each(app) -> None:
 
     image = png(112, 84, seed=41)
     answer = post(served, "/v1/chat/completions", body("what is this", [image], return_token_ids=True)).json()
-    prep = RequestPreparer(model_dir, "float32")
+    prep = RequestPreparer(model_dir, "float32", trust_remote_code=False)
     request = chat("what is this", [image], SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
     expected, _ = reference_greedy(reference_model(str(model_dir)), reference_inputs(prep, request), 8)
     assert answer["choices"][0]["token_ids"] == expected

@@ -58,3 +58,21 @@ def test_bad_checkpoint_gives_a_clear_error(tmp_path: Path) -> None:
     done = _run("generate", "--model", str(tmp_path), "--requests", str(tmp_path / "in.jsonl"),
                 "--output", str(tmp_path / "out.jsonl"))
     assert done.returncode == 2 and "no config.json" in done.stderr
+
+
+def test_release_tokenizer_format_runs_only_with_trust_remote_code(tmp_path: Path) -> None:
+    ckpt = tmp_path / "release"
+    made = _run("make-checkpoint", str(ckpt), "--tokenizer", "tiktoken")
+    assert made.returncode == 0 and (ckpt / "tiktoken.model").is_file(), made.stderr
+    request = {"messages": [{"role": "user", "content": "这是什么？ 👋"}], "max_tokens": 4, "temperature": 0}
+    (tmp_path / "in.jsonl").write_text(json.dumps(request) + "\n")
+    command = ("generate", "--model", str(ckpt), "--requests", str(tmp_path / "in.jsonl"),
+               "--output", str(tmp_path / "out.jsonl"))
+    refused = _run(*command)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    assert "trust_remote_code: true" in refused.stderr and "--trust-remote-code" in refused.stderr
+    served = _run("serve", "--model", str(ckpt))  # refused by the config check, before Ray starts
+    assert served.returncode == 2 and "--trust-remote-code" in served.stderr and "Traceback" not in served.stderr
+    done = _run(*command, "--trust-remote-code")
+    assert done.returncode == 0, done.stderr
+    assert len(json.loads((tmp_path / "out.jsonl").read_text())["token_ids"]) == 4

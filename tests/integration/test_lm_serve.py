@@ -64,7 +64,7 @@ def _drained(lm, vision, timeout_s: float = 20) -> tuple[dict, dict]:
 
 def test_image_requests_through_both_pools_equal_transformers(app) -> None:
     path, lm, vision = app
-    prep = RequestPreparer(path, "float32")
+    prep = RequestPreparer(path, "float32", trust_remote_code=False)
     ref = reference_model(str(path))
     requests = [r for r in mixed(8, seed=5) if r.images][:3]
     assert requests
@@ -83,7 +83,7 @@ def test_image_requests_through_both_pools_equal_transformers(app) -> None:
 
 def test_mixed_workload_with_aborts_and_failures_leaves_nothing_referenced(app) -> None:
     path, lm, vision = app
-    prep = RequestPreparer(path, "float32")
+    prep = RequestPreparer(path, "float32", trust_remote_code=False)
     requests = mixed(16, seed=9, max_tokens=(8, 16))
     shared = png(112, 84, seed=77)  # several requests share one image
     requests += [chat(f"describe {k}", [shared], requests[0].sampling) for k in range(4)]
@@ -150,7 +150,7 @@ def test_lost_or_late_embeddings_fail_the_request_with_a_timeout(app, delay_s) -
     from runtime.lm_service.deployment import LMService
 
     path, _, _ = app
-    prep = RequestPreparer(path, "float32")
+    prep = RequestPreparer(path, "float32", trust_remote_code=False)
     name = f"lm-lossy-{'late' if delay_s else 'dropped'}"
     handle = serve.run(LMService.options(name="LMLossy", ray_actor_options={"num_cpus": 0}).bind(
         str(path), ENGINE, LateVision.bind(64, delay_s), "127.0.0.1", {"arrival_timeout_s": 1.0}),

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from runtime.cli import sample_image_data_url
+from runtime.errors import RemoteCodeRefusedError
 from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import OfflineLLM
 from runtime.requests import parse_chat_request
@@ -50,3 +52,35 @@ def test_logprobs_and_usage(model: OfflineLLM) -> None:
     assert len(out["logprobs"]) == 3 and all(len(x["top"]) == 2 for x in out["logprobs"])
     assert [x["token_id"] for x in out["logprobs"]] == out["token_ids"]
     assert out["usage"]["completion_tokens"] == 3
+
+
+def test_release_tokenizer_generates_what_the_standard_one_does(checkpoints, model: OfflineLLM) -> None:
+    """A checkpoint in the release's tokenizer format (tiktoken.model + its own class, trusted) runs end to end
+    with an image. Its vocabulary maps like the standard one's and the weights are the same, so the prompt ids,
+    the greedy ids and the text agree."""
+    release = OfflineLLM(checkpoints("tiny", tokenizer="tiktoken"),
+                         EngineConfig(kv_cache_bytes=8 << 20, trust_remote_code=True))
+    image = {"type": "image_url", "image_url": {"url": sample_image_data_url()}}
+    body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "Describe the image in one "
+                                                                                      "sentence."}]}],
+            "max_tokens": 12, "temperature": 0, "ignore_eos": True, "skip_special_tokens": False}
+    try:
+        ours = release.generate(parse_chat_request(body, release.defaults.sampling))
+    finally:
+        release.close()
+    theirs = model.generate(parse_chat_request(body, model.defaults.sampling))
+    assert type(release.tokenizer).__name__ == "TikTokenTokenizer"
+    assert ours.prompt_tokens == theirs.prompt_tokens > 12 and ours.finish_reason == "length"
+    assert ours.token_ids == theirs.token_ids and ours.text == theirs.text
+
+
+def test_release_tokenizer_without_trust_is_refused_before_the_weights(checkpoints, monkeypatch) -> None:
+    import runtime.lm_service.loading as loading
+
+    monkeypatch.setattr(loading, "load_language_model", _never)
+    with pytest.raises(RemoteCodeRefusedError, match="--trust-remote-code"):
+        OfflineLLM(checkpoints("tiny", tokenizer="tiktoken"), EngineConfig(kv_cache_bytes=8 << 20))
+
+
+def _never(*args, **kwargs):
+    raise AssertionError("the weights were loaded")

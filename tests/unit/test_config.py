@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from runtime.config import AppConfig
+from runtime.errors import RemoteCodeRefusedError
 from runtime.lm_service.engine import EngineConfig
 from runtime.vision_service.encoder import VisionConfig
 
@@ -70,3 +71,12 @@ def test_model_is_named_as_given_its_folder_too_unless_served_names_replace_them
     for bad in ([], [""], ""):
         with pytest.raises(ValidationError, match="served_model_name"):
             AppConfig.model_validate({"served_model_name": bad})
+
+
+def test_checkpoint_code_needs_trust_remote_code(checkpoints) -> None:
+    path = str(checkpoints("tiny", tokenizer="tiktoken"))
+    with pytest.raises(RemoteCodeRefusedError, match="trust_remote_code: true"):
+        AppConfig.model_validate({"model": path})
+    config = AppConfig.model_validate({"model": path, "trust_remote_code": True})
+    assert EngineConfig(**config.engine_config()).trust_remote_code
+    assert not EngineConfig(**AppConfig().engine_config()).trust_remote_code

@@ -1,18 +1,19 @@
 from __future__ import annotations
 
 import pytest
-from transformers import AutoTokenizer
 
+from runtime.checkpoint.tokenizer_loader import load_tokenizer
 from runtime.errors import RequestError
+from runtime.models.config import load_model_config
 from runtime.prompt import PromptBuilder
-from runtime.vision_service.preprocess import ProcessorConfig, placeholder_count
+from runtime.vision_service.preprocess import ProcessorConfig, load_processor_config, placeholder_count
 
 IMAGE = {"type": "image_url", "image_url": {"url": "<image 0>"}}
 
 
-@pytest.fixture
-def builder(checkpoints) -> PromptBuilder:
-    tok = AutoTokenizer.from_pretrained(str(checkpoints("tiny")))
+@pytest.fixture(params=["tokenizers", "tiktoken"])
+def builder(checkpoints, request: pytest.FixtureRequest) -> PromptBuilder:
+    tok = load_tokenizer(checkpoints("tiny", tokenizer=request.param), trust_remote_code=True)
     return PromptBuilder(tok, tok.convert_tokens_to_ids("<|media_pad|>"), ProcessorConfig(), max_context=300)
 
 
@@ -65,3 +66,16 @@ def test_tools_calls_and_results_render_in_kimis_format(builder: PromptBuilder) 
         "<|im_system|>tool<|im_middle|>## Return of functions.get_weather:0\nsunny<|im_end|>"
         "<|im_assistant|>assistant<|im_middle|><think>")
     assert "tool_declare" not in builder.render(messages[:1], None)
+
+
+def test_both_tokenizer_formats_build_the_same_prompt(checkpoints) -> None:
+    """The tiny vocabulary maps identically in both formats, and this prompt pre-tokenizes alike under both
+    regexes, so the ids agree: what lets test_offline compare generations across the formats."""
+    messages = [{"role": "user", "content": [IMAGE, {"type": "text", "text": "Describe the image in one sentence."}]}]
+    built = []
+    for fmt in ("tokenizers", "tiktoken"):
+        path = checkpoints("tiny", tokenizer=fmt)
+        cfg = load_model_config(path)
+        prompts = PromptBuilder.from_dir(path, cfg, load_processor_config(path), trust_remote_code=fmt == "tiktoken")
+        built.append(prompts.token_ids(messages, [(56, 84)]))
+    assert built[0] == built[1]

@@ -78,3 +78,19 @@ def test_greedy_logits_are_not_near_ties(checkpoints, preset: str) -> None:
             gaps.append(float(top.values[0] - top.values[1]))
             hidden = lm(lm.embed(top.indices[:1]), SequenceBatch([1], [kv]))
     assert min(gaps) > 1e-3, f"near-tie in greedy decoding: {min(gaps)}"
+
+
+def test_tiktoken_format_has_the_release_files_and_the_same_weights(checkpoints) -> None:
+    standard, release = checkpoints("tiny"), checkpoints("tiny", tokenizer="tiktoken")
+    assert not (release / "tokenizer.json").exists()
+    assert {"tiktoken.model", "tokenization_kimi.py", "chat_template.jinja"} <= {p.name for p in release.iterdir()}
+    config = json.loads((release / "tokenizer_config.json").read_text())
+    assert config["tokenizer_class"] == "TikTokenTokenizer"
+    assert config["auto_map"] == {"AutoTokenizer": ["tokenization_kimi.TikTokenTokenizer", None]}
+    for name in ("model.safetensors", "config.json", "generation_config.json", "chat_template.jinja"):
+        assert (release / name).read_bytes() == (standard / name).read_bytes(), name
+
+
+def test_unknown_tokenizer_format_is_refused(tmp_path) -> None:
+    with pytest.raises(ValueError, match="tokenizer format"):
+        make_checkpoint(tmp_path / "x", tokenizer="sentencepiece")

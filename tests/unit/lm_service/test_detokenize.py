@@ -4,8 +4,8 @@ import random
 from typing import Any
 
 import pytest
-from transformers import AutoTokenizer
 
+from runtime.checkpoint.tokenizer_loader import load_tokenizer
 from runtime.lm_service.detokenize import IncrementalDetokenizer
 
 REGULAR_VOCAB = 512  # the tiny tokenizer's byte-level BPE; ids from here on are added/special tokens
@@ -17,9 +17,12 @@ TEXTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tok(checkpoints: Any) -> Any:
-    return AutoTokenizer.from_pretrained(str(checkpoints("tiny")))
+@pytest.fixture(scope="module", params=["tokenizers", "tiktoken"])
+def tok(checkpoints: Any, request: pytest.FixtureRequest) -> Any:
+    """Each test runs on both formats of the tiny tokenizer: tokenizer.json (transformers' fast tokenizer) and
+    the release's tiktoken.model with its own class (byte tokens and merges that cut characters, decoded in
+    Python)."""
+    return load_tokenizer(checkpoints("tiny", tokenizer=request.param), trust_remote_code=True)
 
 
 def _encode(tok: Any, text: str) -> list[int]:
@@ -45,6 +48,23 @@ def test_texts_split_characters_across_tokens(tok: Any) -> None:
     # Guards the other tests' premise: otherwise they would never see a partial character.
     for text in TEXTS[1:]:
         assert any("\ufffd" in tok.decode([i]) for i in _encode(tok, text)), text
+
+
+def test_tokens_that_end_one_character_and_start_the_next(checkpoints: Any) -> None:
+    """The release format's ranks merge across character boundaries (b"\\xa7\\xe3\\x81": the end of one kana
+    and the start of the next): no delta may show the half characters."""
+    tok = load_tokenizer(checkpoints("tiny", tokenizer="tiktoken"), trust_remote_code=True)
+    text = "これは画像です。这是一张图片。"
+    ids = _encode(tok, text)
+    straddling = [i for i in ids if _straddles(tok.model.decode_single_token_bytes(i))]
+    assert straddling, "premise: some token holds the end of one character and the start of another"
+    deltas, flush, det = _stream(tok, [[i] for i in ids], stop=("图片",))
+    assert not any("\ufffd" in d for d in deltas) and flush == ""
+    assert det.stopped and det.text == text[: text.index("图片")]
+
+
+def _straddles(data: bytes) -> bool:
+    return 0x80 <= data[0] < 0xC0 and data[-1] >= 0xC0
 
 
 @pytest.mark.parametrize("text", TEXTS)

@@ -12,7 +12,7 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather"}}]
 
 
 def test_tools_are_refused_when_the_tokenizer_cannot_carry_calls(checkpoints) -> None:
-    prep = RequestPreparer(checkpoints("tiny"), "float32")
+    prep = RequestPreparer(checkpoints("tiny"), "float32", trust_remote_code=False)
     assert prep.tools_problem is None  # the tiny tokenizer has the markers, not as special tokens
     chat = parse_chat_request({"messages": [{"role": "user", "content": "hi"}], "tools": TOOLS})
     assert prep.prepare("r", chat).prompt_ids
