@@ -7,6 +7,7 @@ as `serve deploy`, so what runs is exactly what the YAML describes; --model and 
 from __future__ import annotations
 
 import copy
+import ipaddress
 import socket
 import time
 from pathlib import Path
@@ -66,13 +67,32 @@ def ray_environment(config: dict[str, Any]) -> dict[str, str]:
     and request logs are buffered. Direct-ingress ports are the configured
     port + 1 onward (one per Router replica on a node), and a replica drains for 2 s when it stops
     instead of 30 (a local server has no external load balancer to notice it leaving)."""
-    port = int(config.get("http_options", {}).get("port", 8000))
-    return {
+    http = config.get("http_options", {})
+    port = int(http.get("port", 8000))
+    env = {
         "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
         "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port + DIRECT_PORT_OFFSET),
         "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + DIRECT_PORT_OFFSET + 99),
         "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "2",
     }
+    if is_loopback(http.get("host", "127.0.0.1")):
+        env.update(SINGLE_MACHINE_RAY)
+    return env
+
+
+# A server that answers only on loopback runs a Ray that listens only there. Ray replaces a loopback
+# --node-ip-address with the machine's external address and binds every server (GCS, raylet,
+# workers, agents) to that node address or to all interfaces; with this setting (named for the
+# desktop platforms where it is the default) its node address is 127.0.0.1 and nothing binds
+# beyond it. The cluster then takes no other node, which a loopback-only server has no use for.
+SINGLE_MACHINE_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def direct_url(config: dict[str, Any]) -> str:

@@ -317,3 +317,20 @@ def test_tokenize_detokenize_version(app) -> None:
         response = post(served, path, payload)
         assert response.status_code == 400 and response.json()["error"]["param"] == field
     assert requests.get(f"{served.base_url}/version", timeout=30).json()["version"]
+
+
+def test_ray_and_the_app_listen_on_loopback_only(app) -> None:
+    """The embedded default opens no port beyond loopback (launch.ray_environment): every Ray
+    process this test started (GCS, raylet, workers, agents, replicas) listens on 127.0.0.1 only."""
+    import ipaddress
+
+    import psutil
+
+    ours = {p.pid for p in psutil.Process().children(recursive=True)}
+    listening = [(c.laddr.ip, c.laddr.port, c.pid) for c in psutil.net_connections("inet")
+                 if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    assert len(listening) > 5, "expected Ray's own servers among this test's processes"
+    for ip, port, pid in listening:
+        address = ipaddress.ip_address(ip)
+        address = address.ipv4_mapped or address if isinstance(address, ipaddress.IPv6Address) else address
+        assert address.is_loopback, f"{psutil.Process(pid).name()} (pid {pid}) listens on {ip}:{port}"

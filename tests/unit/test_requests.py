@@ -121,3 +121,14 @@ def test_completion_prompts_are_one_or_a_list() -> None:
         with pytest.raises(RequestError) as info:
             parse_prompts(bad, 10)
         assert info.value.field == "prompt"
+
+
+def test_the_readme_lists_exactly_the_supported_fields() -> None:
+    from pathlib import Path
+
+    from runtime.requests import ENDPOINT_PATHS, SUPPORTED_FIELDS
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): {f.strip(" `") for f in line.split("|")[2].split(",")}
+            for line in readme.splitlines() if line.startswith("| `/")}
+    assert rows == {ENDPOINT_PATHS[k]: set(v) for k, v in SUPPORTED_FIELDS.items()}

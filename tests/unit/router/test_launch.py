@@ -51,3 +51,11 @@ def test_the_ray_environment_puts_direct_ingress_on_the_next_port() -> None:
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8124"
     assert launch.direct_url(_config(8123)) == "http://127.0.0.1:8124"
+
+
+@pytest.mark.parametrize("host,loopback_only", [(None, True), ("127.0.0.1", True), ("localhost", True),
+                                                ("::1", True), ("0.0.0.0", False), ("10.1.2.3", False)])
+def test_a_loopback_server_runs_a_loopback_only_ray(host, loopback_only) -> None:
+    config = launch.with_overrides({"applications": [{"name": "kimi"}]}, port=8000, host=host)
+    env = launch.ray_environment(config)
+    assert (env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0") == loopback_only
