@@ -120,9 +120,9 @@ def _teacher_forced_logits(model: OfflineLLM, ids: list[int], embeds: list[torch
     blocks = list(range(-(-(len(ids) + len(forced)) // block_size)))
     images = [ImageRows(start, e) for (start, _), e in
               zip(placeholder_runs(ids, model.config.image_token_id), embeds, strict=True)]
-    rows = [runner.execute([StepInput(ids, blocks, 0, True, images)])[0]]
+    rows = [runner.execute([StepInput(ids, blocks, 0, True, images)]).sampled[0]]
     for k, token in enumerate(forced):
-        rows.append(runner.execute([StepInput([token], blocks, len(ids) + k, True)])[0])
+        rows.append(runner.execute([StepInput([token], blocks, len(ids) + k, True)]).sampled[0])
     return torch.stack(rows)
 
 
