@@ -41,6 +41,22 @@ class CorruptCheckpointError(CheckpointError):
     """A safetensors file or index cannot be parsed."""
 
 
+class QuantizedCheckpointError(CheckpointError):
+    """A quantized (INT4 compressed-tensors) checkpoint cannot be used."""
+
+
+class UnsupportedQuantizationError(QuantizedCheckpointError, UnsupportedConfigError):
+    """quantization_config asks for a scheme this runtime does not implement (names the key)."""
+
+
+class QuantizedTensorError(QuantizedCheckpointError):
+    """A packed weight and its companions (weight_scale, weight_shape) disagree or are missing."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"quantized tensor {name!r}: {problem}")
+        self.name = name
+
+
 # --- images ------------------------------------------------------------------------------------
 
 
