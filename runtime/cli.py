@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="config.json dialect if it should differ from the weights' (a mixed directory)")
     mk.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     mk.add_argument("--shards", type=int, default=1, help="split the weights into N safetensors files")
+    mk.add_argument("--quantize", choices=["int4"], default=None,
+                    help="store routed experts as the Kimi-K2.5 release does (compressed-tensors INT4, "
+                         "group 32, bf16 scales); with --dtype bfloat16 the rest matches the release too")
 
     gen = sub.add_parser("generate", help="offline generation over a JSONL file of chat requests")
     gen.add_argument("--model", required=True)
@@ -75,8 +78,10 @@ def main(argv: list[str] | None = None) -> int:
 def _make_checkpoint(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
 
-    out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards)
-    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}) to {out}")
+    out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards,
+                          args.quantize)
+    experts = ", INT4 routed experts" if args.quantize else ""
+    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}{experts}) to {out}")
     return 0
 
 
