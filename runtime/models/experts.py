@@ -119,8 +119,9 @@ class Int4RoutedExperts(ExpertBank):
         inter, hidden = cfg.moe_intermediate_size, cfg.hidden_size
         self.shapes = {"gate_up_proj": (2 * inter, hidden), "down_proj": (hidden, inter)}
         for proj, (out, inp) in self.shapes.items():
-            self.register_buffer(f"{proj}_packed", torch.zeros(self.count, out, inp // PER_WORD, dtype=torch.int32))
-            self.register_buffer(f"{proj}_scale", torch.zeros(self.count, out, inp // self.group_size,
+            # Placeholders of the right shape, as RoutedExperts' empty parameters; the loader replaces them.
+            self.register_buffer(f"{proj}_packed", torch.empty(self.count, out, inp // PER_WORD, dtype=torch.int32))
+            self.register_buffer(f"{proj}_scale", torch.empty(self.count, out, inp // self.group_size,
                                                               dtype=layout.scale_dtype))
 
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Int4RoutedExperts:
