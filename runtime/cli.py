@@ -38,6 +38,9 @@ def main(argv: list[str] | None = None) -> int:
     mk.add_argument("--tokenizer", choices=list(TOKENIZER_FORMATS), default="tokenizers",
                     help="tokenizers: tokenizer.json; tiktoken: the official release's tiktoken.model with its "
                          "tokenization_kimi.py (loads only with --trust-remote-code)")
+    mk.add_argument("--quantize", choices=["int4"], default=None,
+                    help="store routed experts as the Kimi-K2.5 release does (compressed-tensors INT4, "
+                         "group 32, bf16 scales); with --dtype bfloat16 the rest matches the release too")
 
     gen = sub.add_parser("generate", help="offline generation over a JSONL file of chat requests")
     gen.add_argument("--model", required=True)
@@ -93,8 +96,10 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
 
     out = make_checkpoint(args.out, args.preset, args.seed, args.dialect, args.dtype, args.config_dialect, args.shards,
-                          args.tokenizer)
-    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}, {args.tokenizer} tokenizer) to {out}")
+                          tokenizer=args.tokenizer, quantize=args.quantize)
+    experts = ", INT4 routed experts" if args.quantize else ""
+    print(f"wrote {args.preset} checkpoint ({args.dialect} layout, {args.dtype}{experts}, {args.tokenizer} tokenizer) "
+          f"to {out}")
     return 0
 
 

@@ -53,6 +53,22 @@ class RemoteCodeRefusedError(CheckpointError):
         self.model_dir, self.class_ref = model_dir, class_ref
 
 
+class QuantizedCheckpointError(CheckpointError):
+    """A quantized (INT4 compressed-tensors) checkpoint cannot be used."""
+
+
+class UnsupportedQuantizationError(QuantizedCheckpointError, UnsupportedConfigError):
+    """quantization_config asks for a scheme this runtime does not implement (names the key)."""
+
+
+class QuantizedTensorError(QuantizedCheckpointError):
+    """A packed weight and its companions (weight_scale, weight_shape) disagree or are missing."""
+
+    def __init__(self, name: str, problem: str) -> None:
+        super().__init__(f"quantized tensor {name!r}: {problem}")
+        self.name = name
+
+
 # --- images ------------------------------------------------------------------------------------
 
 

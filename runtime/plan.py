@@ -137,24 +137,14 @@ def expert_format(cfg: ModelConfig, choice: ExpertChoice) -> ExpertFormat:
         return INT4
     if choice == "bf16":
         return ExpertFormat("bf16", BF16_BITS)
-    if cfg.quantization:
-        return _quantized_format(cfg.quantization)
+    if cfg.int4 is not None:  # quantization_config, parsed and checked once (runtime.models.int4)
+        group = cfg.int4.group_size
+        return ExpertFormat(f"int4 (group {group}, bf16 scales)", 4 + BF16_BITS / group)
     dtype = cfg.raw.get("dtype") or cfg.raw.get("torch_dtype") or cfg.raw.get("text_config", {}).get("dtype")
     dtype = dtype or "bfloat16"
     if dtype not in _DTYPE_BITS:
         raise UnsupportedConfigError(f"checkpoint dtype {dtype!r}: plan knows {sorted(_DTYPE_BITS)}")
     return ExpertFormat(dtype, _DTYPE_BITS[dtype])
-
-
-def _quantized_format(quant: dict[str, Any]) -> ExpertFormat:
-    groups: dict[str, Any] = quant.get("config_groups") or {}
-    first: dict[str, Any] = next(iter(groups.values()), {})
-    weights: dict[str, Any] = first.get("weights") or {}
-    bits, group = weights.get("num_bits"), weights.get("group_size")
-    if not bits or not group:
-        raise UnsupportedConfigError(f"quantization_config without weights num_bits/group_size: {quant}")
-    kind = weights.get("type", "int")
-    return ExpertFormat(f"{kind}{bits} (group {group}, bf16 scales)", bits + BF16_BITS / group)
 
 
 def kv_bytes_per_token(t: TextConfig, fp8: bool = False, dtype_bits: int = BF16_BITS) -> int:

@@ -39,3 +39,20 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory):
         return built[key]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def int4_checkpoints(checkpoints, tmp_path_factory: pytest.TempPathFactory):
+    """make(preset, dialect) -> (INT4 checkpoint, its dequantized float32 twin), once per session."""
+    from tests.reference import write_dequantized_twin
+
+    root = tmp_path_factory.mktemp("int4-twins")
+    built: dict[tuple[str, str], tuple[Path, Path]] = {}
+
+    def make(preset: str = "tiny", dialect: str = "transformers") -> tuple[Path, Path]:
+        if (preset, dialect) not in built:
+            int4 = checkpoints(preset, dialect, quantize="int4")
+            built[preset, dialect] = (int4, write_dequantized_twin(int4, root / f"{preset}-{dialect}"))
+        return built[preset, dialect]
+
+    return make

@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from functools import cache
 from pathlib import Path
@@ -65,6 +66,7 @@ def transformers_config(raw: dict[str, Any]) -> dict[str, Any]:
         "bos_token_id": raw.get("bos_token_id"),
         "eos_token_id": raw.get("eos_token_id"),
         "pad_token_id": raw.get("pad_token_id"),
+        **({"quantization_config": raw["quantization_config"]} if "quantization_config" in raw else {}),
     }
 
 
@@ -79,6 +81,58 @@ def _transformers_view(model_dir: Path) -> Path:
             os.symlink(f.resolve(), view / f.name)
     (view / "config.json").write_text(json.dumps(translated))
     return view
+
+
+_FUSABLE_EXPERT = re.compile(
+    r"^(model\.language_model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$"
+)
+
+
+def write_dequantized_twin(src: Path, out: Path) -> Path:
+    """The float32 twin of an INT4 checkpoint, what transformers runs as the reference: every packed
+    weight dequantized through compressed-tensors' own unpacking (q * scale, exact in float32), the
+    transformers dialect's experts fused as its float checkpoints store them, config.json without
+    quantization_config, every other file linked."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors.torch import load_file, save_file
+
+    stored: dict[str, torch.Tensor] = {}
+    for f in sorted(src.glob("*.safetensors")):
+        stored.update(load_file(str(f)))
+    tensors = {n: t for n, t in stored.items() if not n.endswith((".weight_packed", ".weight_scale", ".weight_shape"))}
+    for name in (n for n in stored if n.endswith(".weight_packed")):
+        module = name.removesuffix(".weight_packed")
+        shape, scale = stored[f"{module}.weight_shape"].tolist(), stored[f"{module}.weight_scale"].float()
+        q = unpack_from_int32(stored[name], 4, torch.Size(shape))
+        tensors[f"{module}.weight"] = q.float() * scale.repeat_interleave(shape[1] // scale.shape[1], dim=1)
+    out.mkdir(parents=True)
+    save_file(_fuse_transformers_experts(tensors), str(out / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((src / "config.json").read_text())
+    raw.pop("quantization_config", None)
+    raw["text_config"].pop("quantization_config", None)
+    (out / "config.json").write_text(json.dumps(raw, indent=2))
+    for f in src.iterdir():
+        if f.name != "config.json" and not f.name.startswith("model"):
+            os.symlink(f.resolve(), out / f.name)
+    return out
+
+
+def _fuse_transformers_experts(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert `model.language_model...experts.E.{gate,up,down}_proj.weight` -> fused
+    `experts.gate_up_proj` [E, 2I, H] and `experts.down_proj` [E, H, I]."""
+    parts: dict[str, dict[tuple[int, str], torch.Tensor]] = {}
+    out = {}
+    for name, t in tensors.items():
+        m = _FUSABLE_EXPERT.match(name)
+        if m:
+            parts.setdefault(m.group(1), {})[(int(m.group(2)), m.group(3))] = t
+        else:
+            out[name] = t
+    for prefix, pieces in parts.items():
+        n = 1 + max(e for e, _ in pieces)
+        out[f"{prefix}.gate_up_proj"] = torch.stack([torch.cat([pieces[e, "gate"], pieces[e, "up"]]) for e in range(n)])
+        out[f"{prefix}.down_proj"] = torch.stack([pieces[e, "down"] for e in range(n)])
+    return out
 
 
 @cache

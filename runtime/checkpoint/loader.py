@@ -22,12 +22,15 @@ from runtime.errors import (
     CheckpointError,
     CorruptCheckpointError,
     MissingTensorError,
+    QuantizedTensorError,
     ShapeMismatchError,
     UnexpectedTensorError,
     UnsupportedConfigError,
 )
 from runtime.models.config import ModelConfig, load_model_config
-from runtime.models.deepseek_v3 import DeepseekV3LM, MoEGate, RoutedExperts
+from runtime.models.deepseek_v3 import DeepseekV3LM, MoEGate
+from runtime.models.experts import ExpertBank, Int4Layout, Int4RoutedExperts, expert_factory
+from runtime.models.int4 import COMPANIONS, check_packed
 from runtime.models.moonvit import VisionTower
 
 
@@ -109,9 +112,11 @@ def _read(index: TensorIndex, src: N.Source, param: str) -> tuple[torch.Tensor, 
 
 def _load_into(module: nn.Module, plan: dict[str, N.Source], index: TensorIndex) -> set[str]:
     consumed: set[str] = set()
+    state = module.state_dict(keep_vars=True)
     with torch.no_grad():
-        for name, target in module.state_dict(keep_vars=True).items():
-            tensor, used = _read(index, plan[name], name)
+        for name, src in plan.items():
+            target = state[name]
+            tensor, used = _read(index, src, name)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ShapeMismatchError(used[0], tuple(target.shape), tuple(tensor.shape))
             target.copy_(tensor.to(target.dtype))
@@ -168,12 +173,15 @@ def load_language_model(
         raise ValueError(f"expert range {(first, count)} is outside 0..{text.n_routed_experts}")
     index = TensorIndex(model_dir)
     dialect = weight_dialect(index)
-    _reject_quantized(cfg)
-    model = DeepseekV3LM(text, cfg.tie_word_embeddings, (first, count)).to(dtype)
+    int4 = _int4_layout(cfg, index)
+    model = DeepseekV3LM(text, cfg.tie_word_embeddings, (first, count), int4).to(dtype)
     _keep_gate_bias_fp32(model)
-    plan = N.plan_lm(list(model.state_dict()), dialect, (first, count))
-    consumed = _load_into(model, plan, index)
-    accounted = consumed | _skipped_lm_tensors(cfg, dialect)
+    packed = {name: m for name, m in model.named_modules() if isinstance(m, Int4RoutedExperts)}
+    float_names = [n for n in model.state_dict() if n.rsplit(".", 1)[0] not in packed]
+    consumed = _load_into(model, N.plan_lm(float_names, dialect, (first, count)), index)
+    for name, experts in packed.items():
+        consumed |= _load_packed(index, experts, int(name.split(".")[1]), dialect, cfg)
+    accounted = consumed | _skipped_lm_tensors(cfg, dialect, int4 is not None)
     prefixes = ("language_model.",) if dialect == "original" else ("model.language_model.", "lm_head.")
     belongs = (n for n in index.names if n.startswith(prefixes) and not _is_extra_layer(n, text.num_hidden_layers))
     _check_unexpected(index, belongs, accounted)
@@ -183,37 +191,96 @@ def load_language_model(
 def load_routed_experts(
     model_dir: str | Path, cfg: ModelConfig, expert_range: tuple[int, int], dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-) -> dict[int, RoutedExperts]:
+) -> dict[int, ExpertBank]:
     """Only the routed experts [first, first + count) of every MoE layer: what an expert-parallel
-    worker rank holds (attention, dense layers and the rest stay on rank 0)."""
+    worker rank holds (attention, dense layers and the rest stay on rank 0). INT4 experts stay packed."""
     text = cfg.text
     index = TensorIndex(model_dir)
     dialect = weight_dialect(index)
-    _reject_quantized(cfg)
-    out: dict[int, RoutedExperts] = {}
+    int4 = _int4_layout(cfg, index)
+    make_experts = expert_factory(text, int4)
+    out: dict[int, ExpertBank] = {}
     for layer in range(text.num_hidden_layers):
         if not text.is_moe_layer(layer):
             continue
-        experts = RoutedExperts(text, *expert_range).to(dtype)
-        names = [f"layers.{layer}.mlp.experts.{p}" for p in ("gate_up_proj", "down_proj")]
-        plan = N.plan_lm(names, dialect, expert_range)
-        with torch.no_grad():
-            for name, param in zip(names, (experts.gate_up_proj, experts.down_proj), strict=True):
-                tensor, used = _read(index, plan[name], name)
-                if tuple(tensor.shape) != tuple(param.shape):
-                    raise ShapeMismatchError(used[0], tuple(param.shape), tuple(tensor.shape))
-                param.copy_(tensor.to(dtype))
+        experts = make_experts(*expert_range).to(dtype)
+        if isinstance(experts, Int4RoutedExperts):
+            _load_packed(index, experts, layer, dialect, cfg)
+        else:
+            plan = N.plan_lm([f"layers.{layer}.mlp.experts.{p}" for p in _PARTS], dialect, expert_range)
+            _load_into(experts, {name.rsplit(".", 1)[1]: src for name, src in plan.items()}, index)  # module's names
         out[layer] = experts.to(device).eval()
     return out
 
 
-def _skipped_lm_tensors(cfg: ModelConfig, dialect: N.WeightDialect) -> set[str]:
+def _skipped_lm_tensors(cfg: ModelConfig, dialect: N.WeightDialect, packed: bool) -> set[str]:
     """Tensors we knowingly do not read: other ranks' experts, and lm_head when it is tied."""
     skipped = {N.lm_name("lm_head.weight", dialect)} if cfg.tie_word_embeddings else set()
+    suffixes = COMPANIONS if packed else ()
     for layer in range(cfg.text.num_hidden_layers):
         if cfg.text.is_moe_layer(layer):
-            skipped.update(N.all_expert_tensor_names(layer, cfg.text.n_routed_experts, dialect))
+            skipped.update(N.all_expert_tensor_names(layer, cfg.text.n_routed_experts, dialect, suffixes))
     return skipped
+
+
+# --- INT4 routed experts -----------------------------------------------------------------------
+
+_PACKED_EXPERT = re.compile(r"layers\.\d+\.mlp\.experts\.\d+\.(gate|up|down)_proj\.weight_packed$")
+_PARTS = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+
+
+def _int4_layout(cfg: ModelConfig, index: TensorIndex) -> Int4Layout | None:
+    """How the routed experts are stored: packed INT4 (their layout) or float (None). Decided by the
+    tensors, not only the config: a quantization_config may cover modules stored unquantized."""
+    packed = sorted(n for n in index.names if n.endswith(".weight_packed"))
+    stray = [n for n in packed if not _PACKED_EXPERT.search(n)]
+    if stray:
+        raise QuantizedTensorError(stray[0], "only routed experts may be stored INT4 in this runtime")
+    if not packed:
+        return None
+    if cfg.int4 is None:
+        raise QuantizedTensorError(packed[0], "is packed, but config.json has no quantization_config")
+    scale = packed[0].replace(".weight_packed", ".weight_scale")
+    if scale not in index.file_of:
+        raise QuantizedTensorError(scale, "missing: packed weights need weight_packed, weight_scale, weight_shape")
+    return Int4Layout(cfg.int4.group_size, index.get(scale).dtype)
+
+
+def _load_packed(
+    index: TensorIndex, experts: Int4RoutedExperts, layer: int, dialect: N.WeightDialect, cfg: ModelConfig
+) -> set[str]:
+    """Read, check and stack this rank's packed experts of one layer; return the tensors consumed."""
+    consumed: set[str] = set()
+    scale_dtype = experts.packed("down_proj")[1].dtype
+    for proj, parts in _PARTS.items():
+        out, inp = experts.shapes[proj]
+        per_expert = []
+        for e in range(experts.first, experts.first + experts.count):
+            modules = [N.expert_module(layer, e, part, dialect) for part in parts]
+            read = [_read_packed(index, m, (out // len(parts), inp), cfg, scale_dtype) for m in modules]
+            per_expert.append((torch.cat([p for p, _ in read]), torch.cat([s for _, s in read])))
+            consumed.update(f"{m}.{c}" for m in modules for c in COMPANIONS)
+        experts.set_packed(proj, torch.stack([p for p, _ in per_expert]), torch.stack([s for _, s in per_expert]))
+    return consumed
+
+
+def _read_packed(
+    index: TensorIndex, module: str, expected: tuple[int, int], cfg: ModelConfig, scale_dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One projection's (packed [out, in/8], scale [out, in/g]), checked against the format's rules."""
+    scheme = cfg.int4
+    assert scheme is not None  # _int4_layout refused packed tensors without a quantization_config
+    names = {c: f"{module}.{c}" for c in COMPANIONS}
+    for name in names.values():
+        if name not in index.file_of:
+            raise QuantizedTensorError(name, "missing: packed weights need weight_packed, weight_scale, weight_shape")
+    if not scheme.covers(module):
+        raise QuantizedTensorError(names["weight_packed"], "is packed, but quantization_config ignores its module")
+    packed, scale, shape = (index.get(names[c]) for c in COMPANIONS)
+    check_packed(module, packed, scale, shape, expected, scheme.group_size)
+    if scale.dtype != scale_dtype:
+        raise QuantizedTensorError(names["weight_scale"], f"is {scale.dtype}, other scales are {scale_dtype}")
+    return packed, scale
 
 
 _LAYER = re.compile(r"layers\.(\d+)\.")
@@ -231,14 +298,8 @@ def _keep_gate_bias_fp32(model: nn.Module) -> None:
             m.e_score_correction_bias = m.e_score_correction_bias.float()
 
 
-def _reject_quantized(cfg: ModelConfig) -> None:
-    quant = cfg.quantization
-    if quant:
-        raise UnsupportedConfigError(
-            f"quantization_config ({quant.get('quant_method', '?')}/{quant.get('format', '?')}) is not supported yet"
-        )
-
-
 def routed_expert_bytes(model: nn.Module) -> int:
-    """Bytes this process holds for routed experts (what expert parallelism divides)."""
-    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".mlp.experts." in n)
+    """Bytes this process holds for routed experts (what expert parallelism divides): packed
+    weights and scales for INT4 experts. Their dequantization scratch, one expert's float weights
+    per process, is not counted."""
+    return sum(m.resident_bytes() for m in model.modules() if isinstance(m, ExpertBank))

@@ -20,6 +20,7 @@ from runtime.checkpoint.presets import PRESETS, Preset
 from runtime.checkpoint.tokenizer import TOKENIZER_FORMATS, build_tokenizer, write_tiktoken_tokenizer, write_tokenizer
 from runtime.models.config import ModelConfig, RopeConfig, TextConfig, VisionConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
+from runtime.models.int4 import Int4Scheme, pack_int4, quantize_int4
 from runtime.models.moonvit import VisionTower
 from runtime.vision_service.preprocess import ProcessorConfig
 
@@ -35,13 +36,19 @@ def make_checkpoint(
     config_dialect: N.WeightDialect | None = None,
     shards: int = 1,
     tokenizer: str = "tokenizers",
+    quantize: str | None = None,
 ) -> Path:
     """`tokenizer`: "tokenizers" (tokenizer.json) or "tiktoken" (the release's tiktoken.model and
-    tokenization_kimi.py, which load only with trust_remote_code); the same vocabulary and weights either way."""
+    tokenization_kimi.py, which load only with trust_remote_code); the same vocabulary and weights either way.
+    quantize="int4": routed experts stored as the Kimi-K2.5 release stores them (compressed-tensors
+    pack-quantized, bf16 scales, quantization_config in config.json and text_config); everything else
+    in `dtype` (the release has bfloat16)."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if tokenizer not in TOKENIZER_FORMATS:
         raise ValueError(f"unknown tokenizer format {tokenizer!r}; choose from {list(TOKENIZER_FORMATS)}")
+    if quantize not in (None, "int4"):
+        raise ValueError(f"unknown quantization {quantize!r}; choose 'int4' or none")
     spec = PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -59,13 +66,17 @@ def make_checkpoint(
     init_random(vision, generator)
     init_random(lm, generator)
 
+    scheme = Int4Scheme(int4_group_size(text)) if quantize else None
     tensors = N.export_vision(vision.state_dict(), dialect, spec.vision.num_attention_heads)
-    tensors.update(N.export_lm(lm.state_dict(), dialect))
-    tensors = {k: v.to(DTYPES[dtype]) if not k.endswith("e_score_correction_bias") else v for k, v in tensors.items()}
+    tensors.update(N.export_lm(lm.state_dict(), dialect, _int4_writer(scheme.group_size) if scheme else None))
+    tensors = {k: v.to(DTYPES[dtype]) if _follows_dtype(k, v) else v for k, v in tensors.items()}
     _save_safetensors(out, tensors, shards)
 
     cdialect = config_dialect or dialect
-    (out / "config.json").write_text(json.dumps(config_json(spec, text, ids, cdialect, dtype), indent=2) + "\n")
+    config = config_json(spec, text, ids, cdialect, dtype)
+    if scheme:
+        config["quantization_config"] = config["text_config"]["quantization_config"] = scheme.to_json()
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     eos = [ids["<|im_end|>"], ids["[EOS]"]]
     generation = {"bos_token_id": ids["[BOS]"], "eos_token_id": eos, "pad_token_id": ids["[PAD]"]}
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
@@ -101,6 +112,30 @@ def _random_value(name: str, shape: tuple[int, ...], g: torch.Generator) -> torc
         return randn(2.0 / math.sqrt(shape[1]))  # routing that differs token to token
     fan_in = math.prod(shape[1:]) if len(shape) != 3 else shape[2]
     return randn(1.0 / math.sqrt(fan_in))
+
+
+def _follows_dtype(name: str, t: torch.Tensor) -> bool:
+    """The gate bias stays float32, INT4 tensors keep theirs (int32, bf16 scales)."""
+    return t.is_floating_point() and not name.endswith(("e_score_correction_bias", ".weight_scale"))
+
+
+def int4_group_size(text: TextConfig) -> int:
+    """The release's 32 inputs per scale, or the largest smaller group that divides both expert
+    input dims (the `odd` preset's moe_intermediate_size of 48 needs 16)."""
+    for size in (32, 16, 8):
+        if text.hidden_size % size == 0 and text.moe_intermediate_size % size == 0:
+            return size
+    raise ValueError(f"no INT4 group size divides hidden {text.hidden_size} and {text.moe_intermediate_size}")
+
+
+def _int4_writer(group_size: int) -> N.ExpertWriter:
+    def write(module: str, w: torch.Tensor) -> dict[str, torch.Tensor]:
+        q, scale = quantize_int4(w, group_size)
+        shape = torch.tensor(list(w.shape), dtype=torch.int32)
+        return {f"{module}.weight_packed": pack_int4(q), f"{module}.weight_scale": scale,
+                f"{module}.weight_shape": shape}
+
+    return write
 
 
 def _save_safetensors(out: Path, tensors: dict[str, torch.Tensor], shards: int) -> None:

@@ -7,6 +7,10 @@ Our parameter names equal transformers' once its prefixes are stripped, so:
   mlp.fc1}`, `mm_projector.proj.{0,2}`, `language_model.model.*`, `language_model.lm_head.weight`,
   per-expert `mlp.experts.E.{gate,up,down}_proj.weight`. `wqkv` rows of q and k are in
   interleaved-rope order; we use split-halves order, so they are permuted on the way in and out.
+- INT4 routed experts (either dialect): per expert, `mlp.experts.E.{gate,up,down}_proj.` +
+  `weight_packed` / `weight_scale` / `weight_shape`, as the release stores them and as transformers'
+  compressed-tensors loading reads them (it merges per-expert tensors into its fused experts after
+  dequantizing); the transformers dialect has no fused packed form.
 
 `plan_*` answers "which tensors build this parameter" (loading); `export_*` is the inverse
 (writing checkpoints). Both read the same rename tables.
@@ -15,6 +19,7 @@ Our parameter names equal transformers' once its prefixes are stripped, so:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -136,8 +141,16 @@ def lm_name(name: str, dialect: WeightDialect) -> str:
     return name if name == "lm_head.weight" else "model.language_model." + name
 
 
+def expert_module(layer: int, expert: int, proj: str, dialect: WeightDialect) -> str:
+    """One routed expert's projection (gate_proj, up_proj, down_proj) as a checkpoint module name.
+    Its float tensor adds `.weight`; INT4 checkpoints of either dialect store it per expert as
+    `.weight_packed`, `.weight_scale`, `.weight_shape` (what transformers' loader merges into its
+    fused experts after compressed-tensors dequantizes them)."""
+    return lm_name(f"layers.{layer}.mlp.experts.{expert}.{proj}", dialect)
+
+
 def expert_names(layer: int, expert: int, proj: str, dialect: WeightDialect) -> str:
-    return lm_name(f"layers.{layer}.mlp.experts.{expert}.{proj}.weight", dialect)
+    return expert_module(layer, expert, proj, dialect) + ".weight"
 
 
 def plan_lm(names: list[str], dialect: WeightDialect, expert_range: tuple[int, int]) -> dict[str, Source]:
@@ -158,29 +171,50 @@ def plan_lm(names: list[str], dialect: WeightDialect, expert_range: tuple[int, i
     return plan
 
 
-def all_expert_tensor_names(layer: int, n_experts: int, dialect: WeightDialect) -> list[str]:
-    """Every routed-expert tensor of a layer: what other EP ranks load and this one skips."""
+def all_expert_tensor_names(
+    layer: int, n_experts: int, dialect: WeightDialect, packed: tuple[str, ...] = ()
+) -> list[str]:
+    """Every routed-expert tensor of a layer: what other EP ranks load and this one skips.
+    packed: the INT4 tensor suffixes (weight_packed, ...) when the experts are stored packed."""
+    projs = ("gate_proj", "up_proj", "down_proj")
+    if packed:
+        return [f"{expert_module(layer, e, p, dialect)}.{c}" for e in range(n_experts) for p in projs for c in packed]
     if dialect == "transformers":
         return [lm_name(f"layers.{layer}.mlp.experts.{p}", dialect) for p in ("gate_up_proj", "down_proj")]
-    return [expert_names(layer, e, p, dialect) for e in range(n_experts) for p in ("gate_proj", "up_proj", "down_proj")]
+    return [expert_names(layer, e, p, dialect) for e in range(n_experts) for p in projs]
 
 
-def export_lm(state: dict[str, torch.Tensor], dialect: WeightDialect) -> dict[str, torch.Tensor]:
+ExpertWriter = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
+def export_lm(
+    state: dict[str, torch.Tensor], dialect: WeightDialect, write_expert: ExpertWriter | None = None
+) -> dict[str, torch.Tensor]:
+    """write_expert(module, weight [out, in]) -> that module's tensors: stores routed experts per
+    expert through it, in either dialect (INT4 writes them packed). Without it, the original
+    dialect stores `.weight` per expert and the transformers dialect keeps the fused tensors."""
     out: dict[str, torch.Tensor] = {}
     for name, t in state.items():
         m = _EXPERTS.match(name)
-        if not m or dialect == "transformers":
+        if not m or (dialect == "transformers" and write_expert is None):
             out[lm_name(name, dialect)] = t
             continue
-        layer, fused = int(m.group(1)), m.group(2)
-        for e in range(t.shape[0]):
-            if fused == "gate_up_proj":
-                gate, up = t[e].chunk(2, dim=0)
-                out[expert_names(layer, e, "gate_proj", dialect)] = gate.contiguous()
-                out[expert_names(layer, e, "up_proj", dialect)] = up.contiguous()
-            else:
-                out[expert_names(layer, e, "down_proj", dialect)] = t[e].contiguous()
+        for module, w in _per_expert(int(m.group(1)), m.group(2), t, dialect):
+            out.update(write_expert(module, w) if write_expert else {module + ".weight": w.contiguous()})
     return out
+
+
+def _per_expert(layer: int, fused: str, t: torch.Tensor, dialect: WeightDialect) -> list[tuple[str, torch.Tensor]]:
+    """A fused expert parameter [E, 2I, H] or [E, H, I] as (module, weight) per expert and projection."""
+    pieces = []
+    for e in range(t.shape[0]):
+        if fused == "gate_up_proj":
+            gate, up = t[e].chunk(2, dim=0)
+            pieces += [(expert_module(layer, e, "gate_proj", dialect), gate),
+                       (expert_module(layer, e, "up_proj", dialect), up)]
+        else:
+            pieces.append((expert_module(layer, e, "down_proj", dialect), t[e]))
+    return pieces
 
 
 def detect_weight_dialect(names: list[str]) -> WeightDialect | None:

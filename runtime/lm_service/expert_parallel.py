@@ -24,7 +24,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from runtime.models.deepseek_v3 import DeepseekV3LM, MoE, RoutedExperts
+from runtime.models.deepseek_v3 import DeepseekV3LM, MoE
+from runtime.models.experts import ExpertBank
 
 STOP, FORWARD = 0, 1
 
@@ -109,8 +110,8 @@ def _unpack(payload: torch.Tensor, hidden: int, k: int) -> tuple[torch.Tensor, t
     return x, ids.long(), weights
 
 
-def _bytes(experts: list[RoutedExperts]) -> int:
-    return sum(p.numel() * p.element_size() for e in experts for p in e.parameters())
+def _bytes(experts: list[ExpertBank]) -> int:
+    return sum(e.resident_bytes() for e in experts)
 
 
 class ExpertGroup:
@@ -140,7 +141,7 @@ class ExpertGroup:
     def begin_forward(self, num_tokens: int) -> None:
         self.comm.broadcast(torch.tensor([FORWARD, num_tokens], dtype=torch.long))
 
-    def dispatch(self, experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor,
+    def dispatch(self, experts: ExpertBank, x: torch.Tensor, ids: torch.Tensor,
                  weights: torch.Tensor) -> torch.Tensor:
         self.comm.broadcast(_payload(x, ids, weights))
         partial = experts(x, ids, weights).float()
@@ -162,7 +163,7 @@ class ExpertGroup:
                 proc.terminate()
 
 
-def attach(lm: nn.Module, group: ExpertGroup) -> list[RoutedExperts]:
+def attach(lm: nn.Module, group: ExpertGroup) -> list[ExpertBank]:
     """Route every MoE layer of rank 0's model through the group; return its local experts."""
     local = []
     for module in lm.modules():
@@ -191,7 +192,7 @@ def run_worker_rank(spec: RankSpec) -> None:
 
 
 @torch.inference_mode()
-def _serve(comm: _Collectives, layers: list[RoutedExperts], hidden: int, k: int, dtype: torch.dtype,
+def _serve(comm: _Collectives, layers: list[ExpertBank], hidden: int, k: int, dtype: torch.dtype,
            device: str) -> None:
     while True:
         header = comm.broadcast(torch.zeros(2, dtype=torch.long))

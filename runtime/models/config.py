@@ -5,6 +5,7 @@ Two dialects of the same family exist in the wild:
   `media_placeholder_token_id`, text `model_type` `kimi_k2` or `deepseek_v3`, `rope_scaling`).
 - "transformers": transformers 5.18's `kimi_k25` (`vision_config.hidden_size`, `image_token_id`,
   `projection_hidden_size`, `rope_parameters`).
+Either may carry a compressed-tensors `quantization_config` (runtime/models/int4.py reads it).
 Both parse into the same frozen dataclasses; nothing downstream looks at raw dicts.
 """
 
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from runtime.errors import CheckpointError, UnsupportedConfigError
+from runtime.models.int4 import Int4Scheme, parse_quantization_config
 
 ConfigDialect = Literal["original", "transformers"]
 
@@ -111,12 +113,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    int4: Int4Scheme | None = None  # quantization_config: which Linear modules may be stored INT4
     raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
-
-    @property
-    def quantization(self) -> dict[str, Any] | None:
-        """quantization_config, top level or in text_config (releases put it in either or both)."""
-        return self.raw.get("quantization_config") or self.raw.get("text_config", {}).get("quantization_config")
 
 
 # --- parsing -----------------------------------------------------------------------------------
@@ -178,6 +176,7 @@ def parse_model_config(raw: dict[str, Any]) -> ModelConfig:
         bos_token_id=raw.get("bos_token_id", text_raw.get("bos_token_id")),
         eos_token_ids=_as_id_tuple(eos),
         pad_token_id=raw.get("pad_token_id", text_raw.get("pad_token_id")),
+        int4=parse_quantization_config(raw),
         raw=raw,
     )
 

@@ -22,6 +22,7 @@ from torch import nn
 
 from runtime.models.common import activation
 from runtime.models.config import RopeConfig, TextConfig, yarn_mscale
+from runtime.models.experts import ExpertBank, ExpertFactory, Int4Layout, expert_factory
 
 # --- latent KV cache interface ----------------------------------------------------------------
 
@@ -360,57 +361,20 @@ class MoEGate(nn.Module):
         return weights * cfg.routed_scaling_factor, ids
 
 
-class RoutedExperts(nn.Module):
-    """The experts this rank owns: global ids [first, first + count). Fused like transformers:
-    gate_up_proj [count, 2I, hidden], down_proj [count, hidden, I]."""
-
-    def __init__(self, cfg: TextConfig, first: int = 0, count: int | None = None):
-        super().__init__()
-        self.first = first
-        self.count = cfg.n_routed_experts - first if count is None else count
-        inter = cfg.moe_intermediate_size
-        self.gate_up_proj = nn.Parameter(torch.empty(self.count, 2 * inter, cfg.hidden_size))
-        self.down_proj = nn.Parameter(torch.empty(self.count, cfg.hidden_size, inter))
-        self.act = activation(cfg.hidden_act)
-
-    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Sum of this rank's experts' outputs, each times its routing weight. [T, hidden].
-
-        The (token, choice) pairs routed here are sorted by expert once, so each active expert
-        runs two matmuls over one contiguous slice, and one index_add_ sums them back per token
-        (in ascending expert order, as a loop over experts would)."""
-        out = torch.zeros_like(x)
-        local = (ids - self.first).reshape(-1)  # [T * k]
-        mine = torch.nonzero((local >= 0) & (local < self.count)).squeeze(1)
-        if mine.numel() == 0:
-            return out
-        order = mine[torch.argsort(local[mine], stable=True)]  # pairs sorted by expert
-        counts = torch.bincount(local[order], minlength=self.count).tolist()
-        tokens = order // ids.shape[1]
-        xs = x[tokens]  # [pairs, hidden]
-        parts, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
-                gate, up = F.linear(xs[start : start + n], self.gate_up_proj[e]).chunk(2, dim=-1)
-                parts.append(F.linear(self.act(gate) * up, self.down_proj[e]))
-                start += n
-        ys = torch.cat(parts) * weights.reshape(-1)[order, None]
-        return out.index_add_(0, tokens, ys.to(out.dtype))
+ExpertDispatch = Callable[[ExpertBank, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-ExpertDispatch = Callable[[RoutedExperts, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def local_dispatch(experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def local_dispatch(experts: ExpertBank, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return experts(x, ids, weights)
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: TextConfig, expert_range: tuple[int, int] | None = None):
+    def __init__(self, cfg: TextConfig, expert_range: tuple[int, int] | None = None,
+                 make_experts: ExpertFactory | None = None):
         super().__init__()
         first, count = expert_range if expert_range else (0, cfg.n_routed_experts)
         self.gate = MoEGate(cfg)
-        self.experts = RoutedExperts(cfg, first, count)
+        self.experts = (make_experts or expert_factory(cfg))(first, count)
         self.shared_experts = (
             DenseMLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts, cfg.hidden_act)
             if cfg.n_shared_experts
@@ -432,11 +396,12 @@ class MoE(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, expert_range: tuple[int, int] | None):
+    def __init__(self, cfg: TextConfig, layer_idx: int, expert_range: tuple[int, int] | None,
+                 make_experts: ExpertFactory | None = None):
         super().__init__()
         self.self_attn = MLAttention(cfg, layer_idx)
         self.mlp: nn.Module = (
-            MoE(cfg, expert_range)
+            MoE(cfg, expert_range, make_experts)
             if cfg.is_moe_layer(layer_idx)
             else DenseMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
         )
@@ -450,12 +415,16 @@ class DecoderLayer(nn.Module):
 
 class DeepseekV3LM(nn.Module):
     def __init__(self, cfg: TextConfig, tie_word_embeddings: bool = False,
-                 expert_range: tuple[int, int] | None = None):
+                 expert_range: tuple[int, int] | None = None, int4: Int4Layout | None = None):
+        """int4: routed experts kept packed in this INT4 layout (all layers share one scratch)."""
         super().__init__()
         self.cfg = cfg
         self.tie_word_embeddings = tie_word_embeddings
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, expert_range) for i in range(cfg.num_hidden_layers))
+        make_experts = expert_factory(cfg, int4)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg, i, expert_range, make_experts) for i in range(cfg.num_hidden_layers)
+        )
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = RotaryEmbedding(cfg)
         if not tie_word_embeddings:

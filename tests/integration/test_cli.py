@@ -76,3 +76,21 @@ def test_release_tokenizer_format_runs_only_with_trust_remote_code(tmp_path: Pat
     done = _run(*command, "--trust-remote-code")
     assert done.returncode == 0, done.stderr
     assert len(json.loads((tmp_path / "out.jsonl").read_text())["token_ids"]) == 4
+
+
+def test_int4_checkpoint_as_released_then_generate(tmp_path: Path) -> None:
+    """The release's layout (INT4 experts, bfloat16 rest) from the CLI, served in float32 on one rank
+    and in bfloat16 on two expert-parallel ranks."""
+    ckpt = tmp_path / "ckpt"
+    made = _run("make-checkpoint", str(ckpt), "--preset", "tiny", "--dialect", "original", "--dtype", "bfloat16",
+                "--quantize", "int4")
+    assert made.returncode == 0, made.stderr
+    assert "INT4 routed experts" in made.stdout
+    request = {"messages": [{"role": "user", "content": "Say something."}], "max_tokens": 7, "temperature": 0,
+               "ignore_eos": True}
+    (tmp_path / "in.jsonl").write_text(json.dumps(request) + "\n")
+    for out, dtype, ep_size in (("a.jsonl", "float32", "1"), ("b.jsonl", "bfloat16", "2")):
+        done = _run("generate", "--model", str(ckpt), "--requests", str(tmp_path / "in.jsonl"),
+                    "--output", str(tmp_path / out), "--dtype", dtype, "--ep-size", ep_size)
+        assert done.returncode == 0, done.stderr
+        assert len(json.loads((tmp_path / out).read_text())["token_ids"]) == 7

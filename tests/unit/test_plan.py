@@ -28,7 +28,7 @@ KIMI_K25 = {
     "media_placeholder_token_id": 163605,
     "tie_word_embeddings": False,
     "quantization_config": {
-        "quant_method": "compressed-tensors", "format": "pack-quantized",
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": {
             "num_bits": 4, "group_size": 32, "type": "int", "symmetric": True, "strategy": "group"}}},
         "ignore": ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"],

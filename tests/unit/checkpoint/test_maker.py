@@ -94,3 +94,48 @@ def test_tiktoken_format_has_the_release_files_and_the_same_weights(checkpoints)
 def test_unknown_tokenizer_format_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="tokenizer format"):
         make_checkpoint(tmp_path / "x", tokenizer="sentencepiece")
+
+
+@pytest.mark.parametrize("dialect", ["transformers", "original"])
+def test_int4_checkpoint_is_the_release_layout(tmp_path, dialect: str) -> None:
+    from compressed_tensors.quantization import QuantizationConfig
+    from safetensors.torch import load_file
+
+    from runtime.checkpoint import names as N
+
+    path = make_checkpoint(tmp_path / "ckpt", "mla576", dialect=dialect, dtype="bfloat16", quantize="int4")
+    raw = json.loads((path / "config.json").read_text())
+    quant = raw["quantization_config"]
+    assert raw["text_config"]["quantization_config"] == quant
+    QuantizationConfig.model_validate(quant)  # compressed-tensors' own model accepts it
+    assert quant["ignore"] == ["lm_head", "re:.*self_attn.*", "re:.*shared_experts.*",
+                               r"re:.*mlp\.(gate|up|gate_up|down)_proj.*"]
+    tensors = load_file(str(path / "model.safetensors"))
+    text = load_model_config(path).text
+    inter, hidden = text.moe_intermediate_size, text.hidden_size
+    expected = {}
+    for e in range(text.n_routed_experts):
+        for proj, (out, inp) in {"gate_proj": (inter, hidden), "up_proj": (inter, hidden),
+                                 "down_proj": (hidden, inter)}.items():
+            module = N.expert_module(1, e, proj, dialect)
+            expected[f"{module}.weight_packed"] = (torch.int32, [out, inp // 8])
+            expected[f"{module}.weight_scale"] = (torch.bfloat16, [out, inp // 32])
+            expected[f"{module}.weight_shape"] = (torch.int32, [2])
+            assert tensors[f"{module}.weight_shape"].tolist() == [out, inp]
+    experts = {n: (t.dtype, list(t.shape)) for n, t in tensors.items() if ".mlp.experts." in n}
+    assert experts == expected
+    rest = {t.dtype for n, t in tensors.items() if n not in expected and "e_score_correction_bias" not in n}
+    assert rest == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("dialect", ["transformers", "original"])
+def test_transformers_reads_our_int4_experts_as_we_do(checkpoints, dialect: str) -> None:
+    """transformers 5.18 + compressed-tensors dequantizes our packed experts (to bf16) into the same
+    weights as our loader: names, nibble order, gate/up order and scales all agree."""
+    from tests.reference import reference_model
+
+    path = checkpoints("tiny", dialect, quantize="int4")
+    theirs, ours = reference_model(str(path)).state_dict(), load_language_model(path)
+    for layer in range(ours.cfg.first_k_dense_replace, ours.cfg.num_hidden_layers):
+        for proj, w in ours.layers[layer].mlp.experts.dequantized().items():
+            assert torch.equal(theirs[f"model.language_model.layers.{layer}.mlp.experts.{proj}"], w.bfloat16()), proj

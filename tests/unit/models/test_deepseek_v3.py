@@ -12,7 +12,6 @@ from runtime.models.deepseek_v3 import (
     ContiguousLatentKV,
     DeepseekV3LM,
     MoEGate,
-    RoutedExperts,
     SequenceBatch,
     rope_inv_freq,
     softmax_scale,
@@ -110,22 +109,6 @@ def test_gate_bias_changes_selection_but_not_weights_formula() -> None:
         _, after = gate(x)
     assert not torch.equal(before, after)
     assert bool((after == 0).any(dim=1).all())
-
-
-def test_experts_split_across_ranks_sum_to_the_whole() -> None:
-    cfg = model_config_of("odd", vocab_size=64).text
-    full = RoutedExperts(cfg)
-    init_random(full, torch.Generator().manual_seed(7))
-    half = cfg.n_routed_experts // 2
-    parts = [RoutedExperts(cfg, 0, half), RoutedExperts(cfg, half, cfg.n_routed_experts - half)]
-    with torch.no_grad():
-        for p in parts:
-            p.gate_up_proj.copy_(full.gate_up_proj[p.first : p.first + p.count])
-            p.down_proj.copy_(full.down_proj[p.first : p.first + p.count])
-        x = torch.randn(10, cfg.hidden_size)
-        ids = torch.randint(0, cfg.n_routed_experts, (10, cfg.num_experts_per_tok))
-        w = torch.rand(10, cfg.num_experts_per_tok)
-        torch.testing.assert_close(parts[0](x, ids, w) + parts[1](x, ids, w), full(x, ids, w))
 
 
 @pytest.mark.parametrize(
