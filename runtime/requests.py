@@ -15,7 +15,13 @@ from typing import Any
 from runtime.errors import RequestError
 from runtime.protocol import SamplingParams
 from runtime.structured import STRUCTURED_FIELDS, parse_structured
-from runtime.tools import check_message_tool_fields, parse_parallel_tool_calls, parse_tool_choice, parse_tools
+from runtime.tools import (
+    check_message_tool_fields,
+    constrain,
+    parse_parallel_tool_calls,
+    parse_tool_choice,
+    parse_tools,
+)
 
 __all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "check_fields", "parse_chat_request", "parse_count",
            "parse_prompts", "parse_sampling"]
@@ -94,7 +100,6 @@ class RequestLimits:
     max_image_bytes: int = 20 * 1024 * 1024
     max_stop_strings: int = 16
     allow_http_images: bool = False  # http(s) image URLs are fetched by the router (runtime.router.fetch)
-    constrained_decoding: bool = False  # whether tool_choice "required" / a named function can be enforced
 
 
 @dataclass(frozen=True)
@@ -127,16 +132,17 @@ def parse_chat_request(
     if not isinstance(kwargs, dict):
         raise RequestError("chat_template_kwargs must be an object", "chat_template_kwargs")
     tools = parse_tools(body.get("tools"))
-    tool_choice = parse_tool_choice(body.get("tool_choice"), tools, limits.constrained_decoding)
+    tool_choice = parse_tool_choice(body.get("tool_choice"), tools)
+    parallel = parse_parallel_tool_calls(body.get("parallel_tool_calls"))
     return ChatRequest(
         messages=messages,
         images=images,
-        sampling=parse_sampling(body, defaults or {}, limits),
+        sampling=constrain(parse_sampling(body, defaults or {}, limits), tools, tool_choice, parallel),
         chat_template_kwargs=dict(kwargs),
         model=body.get("model"),
         tools=None if tool_choice == "none" else tools,
         tool_choice=tool_choice,
-        parallel_tool_calls=parse_parallel_tool_calls(body.get("parallel_tool_calls")),
+        parallel_tool_calls=parallel,
         image_urls=tuple(urls),
     )
 

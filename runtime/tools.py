@@ -1,16 +1,22 @@
 """Function calling, the request side: Kimi's tool-call markers, and `tools`, `tool_choice`,
 `parallel_tool_calls` and the tool-call fields of messages validated into plain values.
 
-Below both the request parser and the router: the markers are named here once, and the router's
-output parser (runtime.router.tool_calls) and the grammar hook below share them.
+Below both the request parser and the router: the markers are named here once for the router's output
+parser (runtime.router.tool_calls), and the tool_choice rule lives here once: "required" and a named
+function are enforced by a JSON grammar (constrain), whose output the router reads back as calls.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
+import msgspec
+
 from runtime.errors import RequestError
+from runtime.protocol import SamplingParams, StructuredOutput
+from runtime.structured import checked
 
 # Kimi's tool-call section, as its chat template renders it and the model generates it:
 #   <|tool_calls_section_begin|><|tool_call_begin|>functions.NAME:IDX<|tool_call_argument_begin|>{json}
@@ -61,11 +67,11 @@ def tool_names(tools: list[dict[str, Any]] | None) -> frozenset[str]:
     return frozenset(t["function"]["name"] for t in tools or ())
 
 
-def parse_tool_choice(raw: Any, tools: list[dict[str, Any]] | None, constrained: bool = False) -> str | dict[str, Any]:
+def parse_tool_choice(raw: Any, tools: list[dict[str, Any]] | None) -> str | dict[str, Any]:
     """`tool_choice` -> "none", "auto", "required" or {"type": "function", "function": {"name": X}}.
 
-    "required" and a named function force a call, which only constrained decoding can promise; without
-    it (`constrained` False, as today) they are refused rather than silently treated as "auto"."""
+    "required" and a named function force a call; `constrain` below puts the grammar that enforces
+    it into the request's sampling params."""
     if raw is None:
         return "auto" if tools else "none"
     if isinstance(raw, str):
@@ -81,13 +87,8 @@ def parse_tool_choice(raw: Any, tools: list[dict[str, Any]] | None, constrained:
         if name not in tool_names(tools):
             raise RequestError(f"tool_choice names function {name!r}, which is not in tools", "tool_choice")
         choice = {"type": "function", "function": {"name": name}}
-    if choice in ("auto", "none"):
-        return choice
-    if not tools:
+    if choice not in ("auto", "none") and not tools:
         raise RequestError("tool_choice 'required' or a named function needs tools", "tool_choice")
-    if not constrained:
-        raise RequestError("tool_choice 'required' or a named function needs constrained decoding, which this "
-                           "server does not offer yet; use 'auto'", "tool_choice")
     return choice
 
 
@@ -135,30 +136,71 @@ def _check_call(call: Any, where: str) -> None:
         raise RequestError(f"{where}.function.arguments must be a string (JSON text)", f"{where}.function.arguments")
 
 
-# --- the constrained-decoding hook -----------------------------------------------------------
+# --- forced calls: the grammar ----------------------------------------------------------------
 
 
-def tool_choice_grammar(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any],
-                        parallel: bool = True) -> dict[str, Any] | None:
-    """The structure a grammar engine must enforce for `tool_choice`, or None when nothing is forced.
+def forced_name(tool_choice: str | dict[str, Any]) -> str | None:
+    """The function a named tool_choice forces, or None."""
+    return tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
 
-    For "required" (any declared function) and a named function: the answer is one tool-call section
-    holding at least one call (exactly one when named or not `parallel`), each call's arguments valid
-    under its function's `parameters` schema. Shaped as an xgrammar structural tag; no engine consumes
-    it yet, so parse_tool_choice still refuses these choices."""
+
+def constrain(sampling: SamplingParams, tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any],
+              parallel: bool = True) -> SamplingParams:
+    """The sampling params, with the grammar that enforces a forced `tool_choice` (as vLLM does: JSON
+    under a grammar, not the model's own tool-call section). Unchanged for "auto" and "none"."""
+    schema = tool_choice_schema(tools, tool_choice, parallel)
+    if schema is None:
+        return sampling
+    if sampling.structured is not None:
+        raise RequestError("tool_choice 'required' or a named function cannot be combined with response_format "
+                           "or structured_outputs (both constrain the output)", "tool_choice")
+    if sampling.min_tokens:  # the grammar decides where the output ends
+        raise RequestError("min_tokens cannot be combined with tool_choice 'required' or a named function",
+                           "min_tokens")
+    spec = checked(StructuredOutput("json", json.dumps(schema)), "tools")
+    return msgspec.structs.replace(sampling, structured=spec)
+
+
+def tool_choice_schema(tools: list[dict[str, Any]] | None, tool_choice: str | dict[str, Any],
+                       parallel: bool = True) -> dict[str, Any] | None:
+    """The JSON schema the whole output must match for `tool_choice`, or None when nothing is forced.
+
+    A named function: its arguments, an object under its `parameters`. "required": an array of at
+    least one (at most one unless `parallel`) {"name": NAME, "parameters": ARGUMENTS}, any declared
+    function; each function's `$defs` move to the root, where their `#/$defs/...` references point."""
     if tool_choice in ("none", "auto") or not tools:
         return None
-    named = tool_choice["function"]["name"] if isinstance(tool_choice, dict) else None
-    tags = [_call_tag(t["function"]) for t in tools if named is None or t["function"]["name"] == named]
-    calls = {"type": "tags_with_separator", "tags": tags, "separator": "", "at_least_one": True,
-             "stop_after_first": named is not None or not parallel}
-    return {"type": "structural_tag", "format": {"type": "sequence", "elements": [
-        {"type": "const_string", "value": SECTION_BEGIN}, calls, {"type": "const_string", "value": SECTION_END}]}}
+    functions = {t["function"]["name"]: t["function"] for t in tools}
+    named = forced_name(tool_choice)
+    if named is not None:
+        return _arguments(functions[named])
+    defs: dict[str, Any] = {}
+    elements = [_element(name, _hoist_defs(_arguments(f), defs)) for name, f in functions.items()]
+    schema: dict[str, Any] = {"type": "array", "minItems": 1, "items": {"anyOf": elements}}
+    if not parallel:
+        schema["maxItems"] = 1
+    if defs:
+        schema["$defs"] = defs
+    return schema
 
 
-def _call_tag(function: dict[str, Any]) -> dict[str, Any]:
-    schema = function.get("parameters") or {"type": "object"}
-    content = {"type": "sequence", "elements": [
-        {"type": "regex", "pattern": r"[0-9]+"}, {"type": "const_string", "value": ARGS_BEGIN},
-        {"type": "json_schema", "json_schema": schema}]}
-    return {"type": "tag", "begin": f"{CALL_BEGIN}functions.{function['name']}:", "content": content, "end": CALL_END}
+def _arguments(function: dict[str, Any]) -> dict[str, Any]:
+    """A function's `parameters` (an object, as OpenAI's arguments always are)."""
+    schema = dict(function.get("parameters") or {})
+    schema.setdefault("type", "object")
+    return schema
+
+
+def _element(name: str, parameters: dict[str, Any]) -> dict[str, Any]:
+    return {"type": "object", "properties": {"name": {"type": "string", "enum": [name]}, "parameters": parameters},
+            "required": ["name", "parameters"], "additionalProperties": False}
+
+
+def _hoist_defs(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """The schema without its `$defs`, which join `defs` (a name two functions define differently is refused)."""
+    own = schema.pop("$defs", None) or {}
+    for key, definition in own.items():
+        if defs.setdefault(key, definition) != definition:
+            raise RequestError(f"tools: two functions define $defs {key!r} differently, which tool_choice "
+                               "'required' cannot combine", "tools")
+    return schema

@@ -1,5 +1,6 @@
 """The openai client against the app on a checkpoint steered into a tool call (tests.steering):
-tool calls whole and streamed, a tool-result round trip, n choices, and json_schema output."""
+tool calls whole and streamed, a tool-result round trip, n choices, json_schema output, and a forced
+tool_choice (named, required) enforced by the grammar."""
 
 from __future__ import annotations
 
@@ -34,18 +35,10 @@ def client(tmp_path_factory):
         served.close()
 
 
-def test_tool_call_whole_and_streamed(client) -> None:
-    assert [m.id for m in client.models.list().data] == ["kimi", "steered"]
-    answer = client.chat.completions.create(model="steered", messages=ASK, tools=TOOLS, temperature=0, max_tokens=64)
-    choice = answer.choices[0]
-    assert answer.model == "kimi" and choice.finish_reason == "tool_calls" and choice.message.content == "Sure"
-    (call,) = choice.message.tool_calls
-    assert (call.id, call.type, call.function.name, call.function.arguments) == ("functions.web:0", "function",
-                                                                                  "web", ARGS)
+def _streamed(client, **kw) -> tuple[dict[int, dict], str, str | None]:
     calls: dict[int, dict] = {}
     content, finish = "", None
-    for chunk in client.chat.completions.create(model="kimi", messages=ASK, tools=TOOLS, temperature=0,
-                                                max_tokens=64, stream=True):
+    for chunk in client.chat.completions.create(model="kimi", messages=ASK, temperature=0, stream=True, **kw):
         delta = chunk.choices[0].delta
         content += delta.content or ""
         finish = chunk.choices[0].finish_reason or finish
@@ -54,6 +47,18 @@ def test_tool_call_whole_and_streamed(client) -> None:
             entry["id"] = part.id or entry["id"]
             entry["name"] = (part.function.name if part.function else None) or entry["name"]
             entry["arguments"] += (part.function.arguments if part.function else None) or ""
+    return calls, content, finish
+
+
+def test_tool_call_whole_and_streamed(client) -> None:
+    assert [m.id for m in client.models.list().data] == ["kimi", "steered"]
+    answer = client.chat.completions.create(model="steered", messages=ASK, tools=TOOLS, temperature=0, max_tokens=64)
+    choice = answer.choices[0]
+    assert answer.model == "kimi" and choice.finish_reason == "tool_calls" and choice.message.content == "Sure"
+    (call,) = choice.message.tool_calls
+    assert (call.id, call.type, call.function.name, call.function.arguments) == ("functions.web:0", "function",
+                                                                                  "web", ARGS)
+    calls, content, finish = _streamed(client, tools=TOOLS, max_tokens=64)
     assert content == "Sure" and finish == "tool_calls"
     assert calls == {0: {"id": call.id, "name": "web", "arguments": ARGS}}
 
@@ -68,8 +73,47 @@ def test_tool_result_round_trip_and_tool_choice_none(client) -> None:
     hidden = client.chat.completions.create(model="kimi", messages=ASK, tools=TOOLS, tool_choice="none",
                                             temperature=0, max_tokens=64)
     assert hidden.choices[0].message.tool_calls is None and hidden.choices[0].finish_reason != "tool_calls"
+
+
+# Bounded schemas, so that the tiny model's constrained answer ends well within max_tokens.
+BOUNDED = {"type": "object", "properties": {"q": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["q"],
+           "additionalProperties": False}
+ZONE = {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"],
+        "additionalProperties": False}
+FORCED_TOOLS = [{"type": "function", "function": {"name": "web", "parameters": BOUNDED}},
+                {"type": "function", "function": {"name": "clock", "parameters": ZONE}}]
+SCHEMAS = {"web": BOUNDED, "clock": ZONE}
+
+
+def test_a_named_function_is_called_with_valid_arguments_whole_and_streamed(client) -> None:
+    forced = {"tools": FORCED_TOOLS, "tool_choice": {"type": "function", "function": {"name": "clock"}},
+              "max_tokens": 64}
+    answer = client.chat.completions.create(model="kimi", messages=ASK, temperature=0, **forced)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "stop" and choice.message.content is None  # OpenAI's finish for a named call
+    (call,) = choice.message.tool_calls
+    assert (call.id, call.type, call.function.name) == ("functions.clock:0", "function", "clock")
+    jsonschema.validate(json.loads(call.function.arguments), ZONE)
+    calls, content, finish = _streamed(client, **forced)
+    assert content == "" and finish == "stop"
+    assert calls == {0: {"id": call.id, "name": "clock", "arguments": call.function.arguments}}
+
+
+def test_required_calls_declared_functions_with_valid_arguments(client) -> None:
+    forced = {"tools": FORCED_TOOLS, "tool_choice": "required", "parallel_tool_calls": False, "max_tokens": 64}
+    answer = client.chat.completions.create(model="kimi", messages=ASK, temperature=0, **forced)
+    choice = answer.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content is None
+    assert len(choice.message.tool_calls) == 1  # parallel_tool_calls false: exactly one
+    for i, call in enumerate(choice.message.tool_calls):
+        assert call.id == f"functions.{call.function.name}:{i}" and call.function.name in SCHEMAS
+        jsonschema.validate(json.loads(call.function.arguments), SCHEMAS[call.function.name])
+    calls, content, finish = _streamed(client, **forced)
+    assert content == "" and finish == "tool_calls"
+    assert calls == {i: {"id": c.id, "name": c.function.name, "arguments": c.function.arguments}
+                     for i, c in enumerate(choice.message.tool_calls)}
     with pytest.raises(openai.BadRequestError) as refused:
-        client.chat.completions.create(model="kimi", messages=ASK, tools=TOOLS, tool_choice="required", max_tokens=8)
+        client.chat.completions.create(model="kimi", messages=ASK, response_format={"type": "json_object"}, **forced)
     assert "tool_choice" in str(refused.value)
 
 

@@ -1,8 +1,12 @@
 """A tiny checkpoint steered into a tool call: the engine's own streaming deltas (its incremental
-detokenizer) through the reasoning and tool-call parsers give the same answer as the whole text."""
+detokenizer) through the reasoning and tool-call parsers give the same answer as the whole text; a
+forced tool_choice's grammar overrides the steering."""
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 
 from runtime.checkpoint.maker import make_checkpoint
@@ -64,3 +68,33 @@ def test_max_tokens_inside_the_arguments_leaves_a_cut_call(model) -> None:
     assert stream.finish_reason("length") == "length"
     (call,) = message["tool_calls"]
     assert ARGS.startswith(call["function"]["arguments"]) and call["function"]["arguments"] != ARGS
+
+
+SEARCH = {"type": "object", "properties": {"q": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["q"],
+          "additionalProperties": False}
+CLOCK = {"type": "object", "properties": {"zone": {"enum": ["utc", "cet"]}}, "required": ["zone"],
+         "additionalProperties": False}
+FORCED = {**BODY, "parallel_tool_calls": False, "tools": [
+    {"type": "function", "function": {"name": "web", "parameters": SEARCH}},
+    {"type": "function", "function": {"name": "clock", "parameters": CLOCK}}]}
+
+
+@pytest.mark.parametrize("choice,reason", [({"type": "function", "function": {"name": "clock"}}, "stop"),
+                                           ("required", "tool_calls")])
+def test_a_forced_tool_choice_is_enforced_and_read_back_as_calls(model, choice, reason) -> None:
+    """The grammar overrides the steered answer: the output is JSON from the first token, and the engine's
+    deltas through the forced parsers give the same calls as the whole text."""
+    model, _ = model
+    body = {**FORCED, "tool_choice": choice}
+    chat = parse_chat_request(body, model.defaults.sampling)
+    outs = _outputs(model, body)
+    whole = AssistantStream(True, ToolUse.of(chat))
+    message = whole.message("".join(o.text for o in outs))
+    assert outs[-1].finish_reason == "stop" and whole.finish_reason("stop") == reason
+    (call,) = message["tool_calls"]
+    schema = {"web": SEARCH, "clock": CLOCK}[call["function"]["name"]]
+    jsonschema.validate(json.loads(call["function"]["arguments"]), schema)
+    assert message["content"] is None and message["reasoning_content"] is None
+    stream = AssistantStream(True, ToolUse.of(chat))
+    merged = merge_deltas([stream.delta(o.text, o.finished) for o in outs])
+    assert merged == {"reasoning_content": "", "content": "", "tool_calls": message["tool_calls"]}

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
+
+import jsonschema
 import pytest
 
 from runtime.errors import RequestError
-from runtime.requests import RequestLimits, parse_chat_request
-from runtime.tools import ARGS_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END, tool_choice_grammar
+from runtime.requests import parse_chat_request
+from runtime.tools import tool_choice_schema
 
 CITY = {"type": "object", "properties": {"city": {"type": "string"}}}
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather now", "parameters": CITY}}
@@ -69,31 +72,68 @@ def test_invalid_tool_fields_name_the_field(body: dict, field: str) -> None:
     assert info.value.field == field
 
 
-@pytest.mark.parametrize("choice", ["required", {"type": "function", "function": {"name": "get_time"}}])
-def test_forced_tool_choice_needs_constrained_decoding(choice) -> None:
-    with pytest.raises(RequestError, match="constrained decoding") as info:
-        parse_chat_request(_body(tool_choice=choice))
-    assert info.value.field == "tool_choice"
-    constrained = RequestLimits(constrained_decoding=True)
-    with pytest.raises(RequestError, match="needs tools"):
-        parse_chat_request({"messages": [USER], "tool_choice": "required"}, limits=constrained)
-    assert parse_chat_request(_body(tool_choice=choice), limits=constrained).tool_choice == choice
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
-def test_the_grammar_hook_describes_one_section_of_allowed_calls() -> None:
-    assert tool_choice_grammar([WEATHER], "auto") is None and tool_choice_grammar(None, "required") is None
-    grammar = tool_choice_grammar([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}})
-    assert grammar is not None and grammar["type"] == "structural_tag"
-    begin, calls, end = grammar["format"]["elements"]
-    assert (begin["value"], end["value"]) == (SECTION_BEGIN, SECTION_END)
-    assert calls["stop_after_first"] and calls["at_least_one"]
-    (tag,) = calls["tags"]
-    assert tag["begin"] == f"{CALL_BEGIN}functions.get_time:" and tag["end"] == CALL_END
-    assert tag["content"]["elements"][1]["value"] == ARGS_BEGIN
-    assert tag["content"]["elements"][2]["json_schema"] == {"type": "object"}
-    both = tool_choice_grammar([WEATHER, TIME], "required", parallel=True)
-    assert both is not None
-    tags = both["format"]["elements"][1]["tags"]
-    assert [t["content"]["elements"][2]["json_schema"] for t in tags] == [WEATHER["function"]["parameters"],
-                                                                          {"type": "object"}]
-    assert not both["format"]["elements"][1]["stop_after_first"]
+@pytest.mark.parametrize("choice", ["required", NAMED])
+def test_a_forced_tool_choice_puts_its_grammar_in_the_sampling_params(choice) -> None:
+    chat = parse_chat_request(_body(tool_choice=choice, parallel_tool_calls=False))
+    assert chat.tool_choice == choice and chat.tools == [WEATHER, TIME]
+    assert chat.sampling.structured is not None and chat.sampling.structured.kind == "json"
+    assert json.loads(chat.sampling.structured.text) == tool_choice_schema([WEATHER, TIME], choice, parallel=False)
+    assert parse_chat_request(_body(tool_choice="auto")).sampling.structured is None
+    assert parse_chat_request(_body()).sampling == parse_chat_request({"messages": [USER]}).sampling
+
+
+@pytest.mark.parametrize("body,field", [
+    ({"messages": [USER], "tool_choice": "required"}, "tool_choice"),
+    (_body(tool_choice=NAMED, response_format={"type": "json_object"}), "tool_choice"),
+    (_body(tool_choice="required", structured_outputs={"regex": "a+"}), "tool_choice"),
+    (_body(tool_choice="required", min_tokens=2), "min_tokens"),
+    (_body(tool_choice=NAMED, tools=[{"type": "function", "function": {"name": "get_weather",
+                                                                       "parameters": {"type": "nope"}}}]), "tools"),
+])
+def test_forced_tool_choice_refusals_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(RequestError) as info:
+        parse_chat_request(body)
+    assert info.value.field == field
+
+
+def test_a_named_function_forces_its_arguments() -> None:
+    assert tool_choice_schema([WEATHER], "auto") is None and tool_choice_schema(None, "required") is None
+    assert tool_choice_schema([WEATHER, TIME], NAMED) == CITY
+    assert tool_choice_schema([WEATHER, TIME], {"type": "function", "function": {"name": "get_time"}}) == {
+        "type": "object"}
+    untyped = {"type": "function", "function": {"name": "f", "parameters": {"properties": {"a": {"type": "integer"}}}}}
+    assert tool_choice_schema([untyped], "required", parallel=False)["items"]["anyOf"][0]["properties"][
+        "parameters"]["type"] == "object"  # arguments are always an object
+
+
+def test_required_forces_an_array_of_calls_to_declared_functions() -> None:
+    schema = tool_choice_schema([WEATHER, TIME], "required")
+    assert schema is not None
+    jsonschema.validate([{"name": "get_weather", "parameters": {"city": "Oslo"}},
+                         {"name": "get_time", "parameters": {}}], schema)
+    for bad in ([], [{"name": "get_weather", "parameters": {"city": 1}}], [{"name": "other", "parameters": {}}],
+                [{"name": "get_time"}], {"name": "get_time", "parameters": {}}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
+    one = tool_choice_schema([WEATHER, TIME], "required", parallel=False)
+    assert one is not None and one["maxItems"] == 1
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "get_time", "parameters": {}}] * 2, one)
+
+
+def test_required_moves_each_functions_defs_to_the_root() -> None:
+    point = {"type": "object", "properties": {"x": {"type": "number"}}, "required": ["x"]}
+    where = {"type": "object", "properties": {"at": {"$ref": "#/$defs/point"}}, "$defs": {"point": point}}
+    tool = {"type": "function", "function": {"name": "go", "parameters": where}}
+    schema = tool_choice_schema([tool, TIME], "required")
+    assert schema is not None and schema["$defs"] == {"point": point} and "$defs" in where  # the request is not mutated
+    jsonschema.validate([{"name": "go", "parameters": {"at": {"x": 1}}}], schema)
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate([{"name": "go", "parameters": {"at": {"y": 1}}}], schema)
+    other = {"type": "function", "function": {"name": "other", "parameters": {**where, "$defs": {"point": {}}}}}
+    with pytest.raises(RequestError) as info:
+        tool_choice_schema([tool, other], "required")
+    assert info.value.field == "tools"
