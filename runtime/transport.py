@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import socket
 import threading
+import time
+from collections import deque
 from collections.abc import Callable
 
 import msgspec
@@ -73,6 +75,10 @@ class EmbeddingSender:
         self._sockets: dict[str, zmq.Socket] = {}
         self._lock = threading.Lock()
         self.linger_ms = linger_ms
+        # Zero-copy sends of embeddings still in flight: libzmq reads the tensor's memory from its I/O
+        # thread after send returns. close() waits for them, so a process that sends and then exits
+        # never frees that memory under a message still being written (the receiver got garbage).
+        self._in_flight: deque[zmq.MessageTracker] = deque()
 
     def _socket(self, address: str) -> zmq.Socket:
         sock = self._sockets.get(address)
@@ -90,7 +96,11 @@ class EmbeddingSender:
                                  tuple(tensor.shape), self.sender_id)
         raw = tensor.view(torch.uint8).numpy().data  # a memoryview of the tensor's own bytes: no copy
         with self._lock:
-            self._socket(address).send_multipart([_encoder.encode(header), raw], copy=False)
+            tracker = self._socket(address).send_multipart([_encoder.encode(header), raw], copy=False, track=True)
+            while self._in_flight and self._in_flight[0].done:
+                self._in_flight.popleft()
+            if tracker is not None:
+                self._in_flight.append(tracker)
 
     def send_error(self, address: str, request_id: str, image_index: int, message: str, error_type: str) -> None:
         error = EncodeError(request_id, image_index, message, error_type, self.sender_id)
@@ -108,7 +118,15 @@ class EmbeddingSender:
         return True
 
     def close(self) -> None:
+        """Wait (up to linger_ms) for zero-copy sends still being written, then close the sockets."""
         with self._lock:
+            deadline = time.monotonic() + self.linger_ms / 1e3
+            while self._in_flight:
+                tracker = self._in_flight.popleft()
+                try:
+                    tracker.wait(max(0.0, deadline - time.monotonic()))
+                except zmq.NotDone:
+                    break
             for sock in self._sockets.values():
                 sock.close()
             self._sockets.clear()

@@ -47,7 +47,7 @@ class LMService:
     def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
                  host: str | None = None, vision_client: dict[str, Any] | None = None,
                  rank_resources: dict[str, float] | None = None, engine_process: bool = False):
-        serve_compat.iterate_in_flight_copies()
+        serve_compat.apply_in_replica()
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
         self.model_dir = model_dir

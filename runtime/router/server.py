@@ -106,7 +106,7 @@ class _ChoiceStream:
 @serve.ingress(http)
 class Router:
     def __init__(self, config: dict[str, Any], model_dir: str, lm: Any, vision: Any):
-        serve_compat.iterate_in_flight_copies()
+        serve_compat.apply_in_replica()
         self.config = AppConfig.model_validate(config)
         self.model = self.config.name
         self.model_dir = model_dir

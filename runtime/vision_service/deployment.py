@@ -16,6 +16,7 @@ from typing import Any
 
 from ray import serve
 
+from runtime import serve_compat
 from runtime.protocol import EncodeAccepted, EncodeRequest
 from runtime.stats_board import Reporter, rss_bytes
 from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
@@ -27,6 +28,7 @@ class VisionService:
     def __init__(self, model_dir: str, config: dict[str, Any] | None = None, host: str | None = None):
         import torch
 
+        serve_compat.apply_in_replica()
         self.config = VisionConfig(**(config or {}))
         torch.set_num_threads(1)
         host = host or node_ip()

@@ -333,4 +333,6 @@ def test_ray_and_the_app_listen_on_loopback_only(app) -> None:
     for ip, port, pid in listening:
         address = ipaddress.ip_address(ip)
         address = address.ipv4_mapped or address if isinstance(address, ipaddress.IPv6Address) else address
-        assert address.is_loopback, f"{psutil.Process(pid).name()} (pid {pid}) listens on {ip}:{port}"
+        process = psutil.Process(pid)
+        assert address.is_loopback, (f"{process.name()} (pid {pid}) listens on {ip}:{port}; its flags: "
+                                     f"{[f for f in process.cmdline() if f.endswith(f'={port}')]}")
