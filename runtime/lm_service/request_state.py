@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from runtime.lm_service.detokenize import IncrementalDetokenizer
@@ -62,14 +63,14 @@ class RequestState:
             known = len(self.prompt_logprobs)
             self.prompt_logprobs += logprobs[known - start :]
 
-    def add_routing(self, start: int, rows: torch.Tensor) -> None:
+    def add_routing(self, start: int, rows: np.ndarray) -> None:
         """Record positions start, start+1, ... [n, L, k] int16; a recompute after preemption repeats
         known ones, and the first record stands (the routing that produced the tokens)."""
         if self.routing is None:
             return
         assert start <= self.routing_rows, "positions are computed in order"
         new = rows[self.routing_rows - start :]
-        self.routing += new.numpy().astype("<i2", copy=False).tobytes()
+        self.routing += new.astype("<i2", copy=False).tobytes()
         self.routing_rows += new.shape[0]
         self.routing_row_shape = (rows.shape[1], rows.shape[2])
 

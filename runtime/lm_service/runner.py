@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from runtime.lm_service.kv_cache import PagedBatch, PagedLatentCache, SequenceChunk
@@ -45,8 +46,8 @@ class StepInput:
 class StepLogits:
     sampled: torch.Tensor  # [inputs that sample, vocab] float32, in input order
     prompt: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # input index -> its targets' logprobs
-    # input index -> expert ids of its rows [rows, MoE layers, k] int16 on the CPU (inputs that record routing)
-    routing: dict[int, torch.Tensor] = field(default_factory=dict)
+    # input index -> expert ids of its rows [rows, MoE layers, k] int16 (inputs that record routing)
+    routing: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -80,11 +81,12 @@ class ModelRunner:
             row += len(item.token_ids)
         return step
 
-    def _routing_matrix(self, routed: list[torch.Tensor], rows: int) -> torch.Tensor:
-        """Each MoE layer's expert ids [T, k], in layer order -> [T, L, k] int16 on the CPU (one copy)."""
+    def _routing_matrix(self, routed: list[torch.Tensor], rows: int) -> np.ndarray:
+        """Each MoE layer's expert ids [T, k], in layer order -> [T, L, k] int16 in host memory (one
+        copy per step; slicing it per input is then nearly free)."""
         if not routed:  # a model without MoE layers
-            return torch.empty(rows, 0, self.config.text.num_experts_per_tok, dtype=torch.int16)
-        return torch.stack(routed, dim=1).to(torch.int16).cpu()
+            return np.empty((rows, 0, self.config.text.num_experts_per_tok), dtype=np.int16)
+        return torch.stack(routed, dim=1).to(torch.int16).cpu().numpy()
 
     def token_logprobs(self, hidden: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprob]:
         """Logprob of targets[i] under row i's distribution, and the top alternatives. hidden [n, H];

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import numpy as np
-import torch
 
 from runtime.lm_service.request_state import EngineRequest, RequestState
 from runtime.lm_service.scheduler import Sequence
@@ -16,10 +15,10 @@ def _state(ask: bool) -> RequestState:
     return RequestState(request, Sequence("r", [1, 2, 3, 4], 4), 2, (0,), None)
 
 
-def _rows(first: int, n: int) -> torch.Tensor:
+def _rows(first: int, n: int) -> np.ndarray:
     """Rows of positions first.. [n, 2 layers, 2 experts]: position p routes to (p, p+100) and (p+200, p+300)."""
-    p = torch.arange(first, first + n)[:, None, None]
-    return (p + torch.tensor([[0, 100], [200, 300]])).to(torch.int16)
+    p = np.arange(first, first + n)[:, None, None]
+    return (p + np.array([[0, 100], [200, 300]])).astype(np.int16)
 
 
 def test_not_asked_keeps_nothing() -> None:
@@ -40,5 +39,5 @@ def test_recompute_after_preemption_keeps_the_first_record_once() -> None:
     routing = last.routed_experts
     assert routing.shape == (5, 2, 2) and routing.dtype == "int16"
     got = np.frombuffer(routing.data, "<i2").reshape(routing.shape)
-    expected = torch.cat([_rows(0, 4), _rows(4, 1) + 1000]).numpy()
+    expected = np.concatenate([_rows(0, 4), _rows(4, 1) + 1000])
     assert (got == expected).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -48,7 +49,6 @@ def test_only_the_inputs_that_ask_get_their_rows(runner: ModelRunner) -> None:
     step, _, gate_ids = _execute(runner, (False, True))
     routing = step.routing
     assert list(routing) == [1]
-    assert routing[1].dtype == torch.int16 and routing[1].device.type == "cpu"
-    assert routing[1].shape == (3, 2, 3)  # the input's 3 rows, 2 MoE layers, k = 3
+    assert routing[1].dtype == np.int16 and routing[1].shape == (3, 2, 3)  # 3 rows, 2 MoE layers, k = 3
     expected = torch.stack(gate_ids, dim=1)[5:8]  # the second input's rows, every MoE layer in order
-    assert torch.equal(routing[1].long(), expected)
+    assert (routing[1] == expected.numpy()).all()
