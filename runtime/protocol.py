@@ -1,10 +1,14 @@
-"""Every message that crosses a process boundary, defined once. Imports msgspec only.
+"""Every message that crosses a process boundary, defined once. Imports msgspec (and the standard
+library) only.
 
 Structs are tagged and versioned by field order: new fields go last, with defaults. Tensors never
 travel inside a Struct; they go as raw frames next to a header (see the vision transport).
 """
 
 from __future__ import annotations
+
+import base64
+from typing import Any
 
 import msgspec
 
@@ -69,6 +73,11 @@ class ExpertRouting(msgspec.Struct, tag="expert_routing", frozen=True):
     shape: tuple[int, int, int]
     data: bytes
     dtype: str = "int16"
+
+    def to_json(self) -> dict[str, Any]:
+        """As a response carries it (a choice's `routed_experts`): the array as base64, read back by
+        `np.frombuffer(base64.b64decode(data), "<i2").reshape(shape)`."""
+        return {"shape": list(self.shape), "dtype": self.dtype, "data": base64.b64encode(self.data).decode()}
 
 
 class RequestOutput(msgspec.Struct, tag="request_output"):

@@ -61,6 +61,8 @@ class GenerationResult:
         }
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.routed_experts is not None:
+            out["routed_experts"] = self.routed_experts.to_json()
         return out
 
 

@@ -5,14 +5,13 @@ Pure functions over RequestOutputs, so the HTTP layer only moves bytes.
 
 from __future__ import annotations
 
-import base64
 import json
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from runtime.lm_service.detokenize import IncrementalDetokenizer
-from runtime.protocol import ExpertRouting, RequestOutput, TokenLogprob
+from runtime.protocol import RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:  # runtime.router.assistant imports this module
     from runtime.router.assistant import AssistantStream
@@ -206,17 +205,11 @@ class Completion:
 # --- routed experts ------------------------------------------------------------------------------
 
 
-def routed_experts(routing: ExpertRouting) -> dict[str, Any]:
-    """A choice's `routed_experts`: shape [tokens, MoE layers, k], dtype, and the little-endian
-    array as base64 (`np.frombuffer(base64.b64decode(data), "<i2").reshape(shape)`)."""
-    return {"shape": list(routing.shape), "dtype": routing.dtype, "data": base64.b64encode(routing.data).decode()}
-
-
 def with_routed_experts(chunk: dict[str, Any], out: RequestOutput) -> dict[str, Any]:
     """A streamed chunk of `out`: its (only) choice carries the routed experts when out has them
     (the final chunk of a request that asked)."""
     if out.routed_experts is not None:
-        chunk["choices"][0]["routed_experts"] = routed_experts(out.routed_experts)
+        chunk["choices"][0]["routed_experts"] = out.routed_experts.to_json()
     return chunk
 
 
@@ -235,7 +228,7 @@ def _extras(choice: dict[str, Any], done: Completion, return_token_ids: bool) ->
     if return_token_ids:
         choice["token_ids"] = done.token_ids
     if done.last is not None and done.last.routed_experts is not None:
-        choice["routed_experts"] = routed_experts(done.last.routed_experts)
+        choice["routed_experts"] = done.last.routed_experts.to_json()
     return choice
 
 

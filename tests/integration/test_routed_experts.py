@@ -103,6 +103,7 @@ def test_a_cached_prompt_still_returns_its_routing(checkpoints) -> None:
     with torch.no_grad():
         expected = reference_routing(ref, {"input_ids": torch.tensor([ids + first.token_ids[:-1]])}).numpy()
     assert (_matrix(first.routed_experts) == expected).all()
+    assert first.to_json()["routed_experts"]["shape"] == list(expected.shape)  # the offline CLI's answer too
 
 
 def test_routing_across_preemption_equals_transformers(checkpoints) -> None:

@@ -15,7 +15,6 @@ from runtime.router.openai_api import (
     ReasoningSplitter,
     chat_chunk,
     engine_error,
-    routed_experts,
     starts_in_reasoning,
     think_token_ids,
     usage,
@@ -109,7 +108,7 @@ def test_routed_experts_wire_format_round_trips() -> None:
     out = RequestOutput("r", [1], "", True, "length", routed_experts=routing)
     wire = msgspec.msgpack.decode(msgspec.msgpack.encode(out), type=RequestOutput)
     assert wire == out
-    body = json.loads(json.dumps(routed_experts(wire.routed_experts)))
+    body = json.loads(json.dumps(wire.routed_experts.to_json()))
     assert body["shape"] == [5, 3, 2] and body["dtype"] == "int16"
     assert (np.frombuffer(base64.b64decode(body["data"]), "<i2").reshape(body["shape"]) == ids).all()
     chunk = with_routed_experts(chat_chunk("id", "m", 0, {}, "length"), wire)
