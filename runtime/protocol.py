@@ -1,10 +1,14 @@
-"""Every message that crosses a process boundary, defined once. Imports msgspec only.
+"""Every message that crosses a process boundary, defined once. Imports msgspec (and the standard
+library) only.
 
 Structs are tagged and versioned by field order: new fields go last, with defaults. Tensors never
 travel inside a Struct; they go as raw frames next to a header (see the vision transport).
 """
 
 from __future__ import annotations
+
+import base64
+from typing import Any
 
 import msgspec
 
@@ -45,10 +49,35 @@ class SamplingParams(msgspec.Struct, tag="sampling", frozen=True):
     # each, computed in the prefill; None: not wanted. Such a request skips the prefix cache.
     prompt_logprobs: int | None = None
     structured: StructuredOutput | None = None
+    # Record the expert ids every MoE layer's gate picked for every token that passed through the
+    # model (RL routing replay). Such a request skips the prefix cache too.
+    return_routed_experts: bool = False
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def reads_prefix_cache(self) -> bool:
+        """False when every prompt position must run in this request's own forwards: its prompt
+        logprobs or its routed experts are wanted."""
+        return self.prompt_logprobs is None and not self.return_routed_experts
+
+
+class ExpertRouting(msgspec.Struct, tag="expert_routing", frozen=True):
+    """The experts each token was routed to: `data` is a little-endian int16 array of `shape`
+    [tokens, MoE layers, experts per token]: for every position that passed through the model
+    (the prompt, then every generated token but the last), for every MoE layer in order, the
+    global ids of the experts its gate picked, in the gate's order."""
+
+    shape: tuple[int, int, int]
+    data: bytes
+    dtype: str = "int16"
+
+    def to_json(self) -> dict[str, Any]:
+        """As a response carries it (a choice's `routed_experts`): the array as base64, read back by
+        `np.frombuffer(base64.b64decode(data), "<i2").reshape(shape)`."""
+        return {"shape": list(self.shape), "dtype": self.dtype, "data": base64.b64encode(self.data).decode()}
 
 
 class RequestOutput(msgspec.Struct, tag="request_output"):
@@ -74,6 +103,8 @@ class RequestOutput(msgspec.Struct, tag="request_output"):
     # On the request's first output when SamplingParams.prompt_logprobs is set: one entry per
     # prompt position 1..n-1 (position 0 has no logprob).
     prompt_logprobs: list[TokenLogprob] | None = None
+    # On the request's last output when SamplingParams.return_routed_experts is set (and it did not fail).
+    routed_experts: ExpertRouting | None = None
 
 
 # --- vision pool -> LM replica, over ZMQ (a header frame, then the raw tensor frame) ----------

@@ -36,7 +36,7 @@ _COMMON_FIELDS = {
     "model", "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stop_token_ids",
     "ignore_eos", "min_tokens", "logprobs", "n", "stream", "stream_options", "return_token_ids",
     "skip_special_tokens", "user", "presence_penalty", "frequency_penalty", "repetition_penalty",
-    *STRUCTURED_FIELDS,
+    "return_routed_experts", *STRUCTURED_FIELDS,
 }
 SUPPORTED_FIELDS: dict[str, frozenset[str]] = {
     "chat": frozenset(_COMMON_FIELDS | {"messages", "max_completion_tokens", "top_logprobs", "chat_template_kwargs",
@@ -247,6 +247,7 @@ def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
         skip_special_tokens=_bool(body.get("skip_special_tokens", True), "skip_special_tokens"),
         prompt_logprobs=prompt_logprobs,
         structured=parse_structured(body),
+        return_routed_experts=_bool(body.get("return_routed_experts") or False, "return_routed_experts"),
     )
     if params.max_tokens is not None and params.min_tokens > params.max_tokens:
         raise RequestError("min_tokens must not exceed max_tokens", "min_tokens")

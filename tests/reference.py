@@ -173,3 +173,19 @@ def reference_decode(ref: Any, inputs: dict, steps: int) -> tuple[list[int], tor
             step_logits.append(out.logits[0, -1])
     logits = torch.stack(step_logits)
     return logits.argmax(dim=-1).tolist(), prefill_logits, logits
+
+
+def reference_routing(ref: Any, inputs: dict) -> torch.Tensor:
+    """The expert ids transformers' own gate (DeepseekV3TopkRouter, hooked) picks in one forward
+    over inputs, for every token and MoE layer in order: [S, MoE layers, k], in the gate's order."""
+    picked: list[torch.Tensor] = []
+    gates = [m for m in ref.modules() if type(m).__name__ == "DeepseekV3TopkRouter"]
+    hooks = [g.register_forward_hook(lambda _m, _args, out: picked.append(out[2])) for g in gates]
+    try:
+        with torch.no_grad():
+            ref(**inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert len(picked) == len(gates), "every MoE layer's gate runs once per forward"
+    return torch.stack(picked, dim=1)

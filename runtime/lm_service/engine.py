@@ -163,7 +163,7 @@ class Engine:
         spans = self._image_spans(request)
         max_tokens = self._max_tokens(request)
         seq = Sequence(request.request_id, list(request.prompt_ids), len(request.prompt_ids), spans,
-                       reads_prefix_cache=request.params.prompt_logprobs is None)
+                       reads_prefix_cache=request.params.reads_prefix_cache)
         spec = request.params.structured
         grammar = self.grammars.open(request.request_id, spec) if spec is not None else None
         self.states[request.request_id] = RequestState(request, seq, max_tokens, self.eos_token_ids, self.tokenizer,
@@ -264,6 +264,9 @@ class Engine:
         for index, logprobs in logits.prompt.items():
             chunk = plan.chunks[index]
             self.states[chunk.seq.request_id].add_prompt_logprobs(chunk.start, logprobs)
+        for index, rows in logits.routing.items():
+            chunk = plan.chunks[index]
+            self.states[chunk.seq.request_id].add_routing(chunk.start, rows)
         self.scheduler.on_computed(plan)
         outputs += self._sample([c for c in plan.chunks if c.samples], logits.sampled)
         self._drop_used_embeddings(plan.chunks)
@@ -276,7 +279,8 @@ class Engine:
         images = [ImageRows(span.start, stored[i]) for i, span in seq.images_overlapping(chunk.start, end)]
         state = self.states[seq.request_id]
         return StepInput(seq.token_ids[chunk.start : end], seq.table.block_ids, chunk.start, chunk.samples, images,
-                         state.prompt_targets(chunk.start, end), state.params.prompt_logprobs or 0)
+                         state.prompt_targets(chunk.start, end), state.params.prompt_logprobs or 0,
+                         state.routing is not None)
 
     def _sample(self, chunks: list[ScheduledChunk], logits: torch.Tensor) -> list[RequestOutput]:
         logits = logits.cpu()  # per-request generators are CPU generators; rows are small

@@ -15,7 +15,7 @@ from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks, placeho
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.runner import ImageRows, StepInput
 from runtime.prompt import GenerationDefaults, PromptBuilder
-from runtime.protocol import RequestOutput
+from runtime.protocol import ExpertRouting, RequestOutput
 from runtime.requests import ChatRequest, SamplingParams
 from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import ImageLimits, decode_image, load_processor_config, preprocess_batch
@@ -30,9 +30,11 @@ class GenerationResult:
     cached_tokens: int = 0
     logprobs: list[dict] | None = None
     error: str | None = None
+    routed_experts: ExpertRouting | None = None
 
     def add(self, out: RequestOutput) -> None:
         self.token_ids += out.token_ids
+        self.routed_experts = out.routed_experts or self.routed_experts
         self.text += out.text
         self.prompt_tokens, self.cached_tokens = out.prompt_tokens, out.cached_tokens
         if out.logprobs is not None:
@@ -59,6 +61,8 @@ class GenerationResult:
         }
         if self.logprobs is not None:
             out["logprobs"] = self.logprobs
+        if self.routed_experts is not None:
+            out["routed_experts"] = self.routed_experts.to_json()
         return out
 
 

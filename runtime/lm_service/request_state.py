@@ -9,12 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from runtime.lm_service.detokenize import IncrementalDetokenizer
 from runtime.lm_service.sampling import choose, new_generator, suppress, token_logprobs
 from runtime.lm_service.scheduler import Sequence
-from runtime.protocol import RequestOutput, TokenLogprob
+from runtime.protocol import ExpertRouting, RequestOutput, TokenLogprob
 from runtime.requests import SamplingParams
 
 
@@ -44,6 +45,10 @@ class RequestState:
         # Logprobs of prompt positions 1, 2, ... gathered chunk by chunk; handed out once, with the
         # first output (None once sent, or when not wanted).
         self.prompt_logprobs: list[TokenLogprob] | None = [] if self.params.prompt_logprobs is not None else None
+        # Expert ids of positions 0, 1, ... as little-endian int16 rows [MoE layers, k], gathered chunk
+        # by chunk and handed out with the last output (None when not wanted).
+        self.routing: bytearray | None = bytearray() if self.params.return_routed_experts else None
+        self.routing_rows, self.routing_row_shape = 0, (0, 0)
 
     def prompt_targets(self, start: int, end: int) -> list[int]:
         """The prompt ids that positions [start, end) predict and whose logprobs are still missing."""
@@ -57,6 +62,22 @@ class RequestState:
         if self.prompt_logprobs is not None:
             known = len(self.prompt_logprobs)
             self.prompt_logprobs += logprobs[known - start :]
+
+    def add_routing(self, start: int, rows: np.ndarray) -> None:
+        """Record positions start, start+1, ... [n, L, k] int16; a recompute after preemption repeats
+        known ones, and the first record stands (the routing that produced the tokens)."""
+        if self.routing is None:
+            return
+        assert start <= self.routing_rows, "positions are computed in order"
+        new = rows[self.routing_rows - start :]
+        self.routing += new.astype("<i2", copy=False).tobytes()
+        self.routing_rows += new.shape[0]
+        self.routing_row_shape = (rows.shape[1], rows.shape[2])
+
+    def routed_experts(self) -> ExpertRouting | None:
+        if self.routing is None:
+            return None
+        return ExpertRouting((self.routing_rows, *self.routing_row_shape), bytes(self.routing))
 
     @property
     def request_id(self) -> str:
@@ -131,4 +152,5 @@ class RequestState:
             cached_tokens=min(self.seq.prefix_hit_tokens, self.seq.prompt_len),
             error_type=error_type,
             prompt_logprobs=prompt_logprobs if error is None else None,
+            routed_experts=self.routed_experts() if reason is not None and error is None else None,
         )

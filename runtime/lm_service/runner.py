@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from runtime.lm_service.kv_cache import PagedBatch, PagedLatentCache, SequenceChunk
@@ -38,12 +39,15 @@ class StepInput:
     # rows), and how many alternatives to report for each.
     logprob_targets: Sequence[int] = ()
     logprob_top: int = 0
+    records_routing: bool = False  # return the experts each of the chunk's rows was routed to
 
 
 @dataclass
 class StepLogits:
     sampled: torch.Tensor  # [inputs that sample, vocab] float32, in input order
     prompt: dict[int, list[TokenLogprob]] = field(default_factory=dict)  # input index -> its targets' logprobs
+    # input index -> expert ids of its rows [rows, MoE layers, k] int16 (inputs that record routing)
+    routing: dict[int, np.ndarray] = field(default_factory=dict)
 
 
 class ModelRunner:
@@ -62,16 +66,27 @@ class ModelRunner:
         chunks = [SequenceChunk(i.block_ids, i.start, len(i.token_ids)) for i in inputs]
         if self.before_forward is not None:
             self.before_forward(embeds.shape[0])
-        hidden = self.lm(embeds, PagedBatch(self.cache, chunks, self.batch_decodes))
+        routed: list[torch.Tensor] | None = [] if any(i.records_routing for i in inputs) else None
+        hidden = self.lm(embeds, PagedBatch(self.cache, chunks, self.batch_decodes), routed=routed)
         ends = torch.tensor(_sample_rows(inputs), dtype=torch.long, device=self.device)
         step = StepLogits(self.lm.logits(hidden[ends]).float())
+        routing = None if routed is None else self._routing_matrix(routed, embeds.shape[0])
         row = 0
         for index, item in enumerate(inputs):
             if item.logprob_targets:
                 rows = hidden[row : row + len(item.logprob_targets)]
                 step.prompt[index] = self.token_logprobs(rows, item.logprob_targets, item.logprob_top)
+            if routing is not None and item.records_routing:
+                step.routing[index] = routing[row : row + len(item.token_ids)]
             row += len(item.token_ids)
         return step
+
+    def _routing_matrix(self, routed: list[torch.Tensor], rows: int) -> np.ndarray:
+        """Each MoE layer's expert ids [T, k], in layer order -> [T, L, k] int16 in host memory (one
+        copy per step; slicing it per input is then nearly free)."""
+        if not routed:  # a model without MoE layers
+            return np.empty((rows, 0, self.config.text.num_experts_per_tok), dtype=np.int16)
+        return torch.stack(routed, dim=1).to(torch.int16).cpu().numpy()
 
     def token_logprobs(self, hidden: torch.Tensor, targets: Sequence[int], top: int) -> list[TokenLogprob]:
         """Logprob of targets[i] under row i's distribution, and the top alternatives. hidden [n, H];

@@ -384,8 +384,11 @@ class MoE(nn.Module):
         # sends x, ids and weights to every rank and sums the ranks' partial outputs.
         self.dispatch: ExpertDispatch = local_dispatch
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routed: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """routed: where the gate's expert ids [T, k] are appended, when a caller asked for them."""
         weights, ids = self.gate(x)
+        if routed is not None:
+            routed.append(ids)
         out = self.dispatch(self.experts, x, ids, weights)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)
@@ -408,9 +411,11 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, batch: KVBatch, rope: RotaryEmbedding, cos, sin, absorbed=None):
+    def forward(self, x: torch.Tensor, batch: KVBatch, rope: RotaryEmbedding, cos, sin, absorbed=None,
+                routed: list[torch.Tensor] | None = None):
         x = x + self.self_attn(self.input_layernorm(x), batch, rope, cos, sin, absorbed)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, routed) if isinstance(self.mlp, MoE) else self.mlp(h))
 
 
 class DeepseekV3LM(nn.Module):
@@ -433,12 +438,14 @@ class DeepseekV3LM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.embed_tokens(input_ids)
 
-    def forward(self, embeds: torch.Tensor, batch: KVBatch, absorbed: bool | None = None) -> torch.Tensor:
-        """embeds [T, hidden] -> final hidden states [T, hidden]; caches this forward's latents."""
+    def forward(self, embeds: torch.Tensor, batch: KVBatch, absorbed: bool | None = None,
+                routed: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """embeds [T, hidden] -> final hidden states [T, hidden]; caches this forward's latents.
+        routed: when given, each MoE layer appends its gate's expert ids [T, k] to it, in layer order."""
         cos, sin = self.rotary(batch.positions(embeds.device), embeds.dtype)
         x = embeds
         for layer in self.layers:
-            x = layer(x, batch, self.rotary, cos, sin, absorbed)
+            x = layer(x, batch, self.rotary, cos, sin, absorbed, routed)
         batch.advance()
         return self.norm(x)
 

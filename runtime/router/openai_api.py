@@ -202,6 +202,17 @@ class Completion:
         self.last = out
 
 
+# --- routed experts ------------------------------------------------------------------------------
+
+
+def with_routed_experts(chunk: dict[str, Any], out: RequestOutput) -> dict[str, Any]:
+    """A streamed chunk of `out`: its (only) choice carries the routed experts when out has them
+    (the final chunk of a request that asked)."""
+    if out.routed_experts is not None:
+        chunk["choices"][0]["routed_experts"] = out.routed_experts.to_json()
+    return chunk
+
+
 def chat_choice(index: int, done: Completion, stream: AssistantStream, want_logprobs: bool,
                 return_token_ids: bool, tokenizer: Any) -> dict[str, Any]:
     """`stream`: a fresh AssistantStream of this choice (reasoning split, tool calls)."""
@@ -210,8 +221,14 @@ def chat_choice(index: int, done: Completion, stream: AssistantStream, want_logp
     reason = stream.finish_reason(done.last.finish_reason)
     choice: dict[str, Any] = {"index": index, "message": message, "finish_reason": reason,
                               "logprobs": chat_logprobs(done.logprobs, tokenizer) if want_logprobs else None}
+    return _extras(choice, done, return_token_ids)
+
+
+def _extras(choice: dict[str, Any], done: Completion, return_token_ids: bool) -> dict[str, Any]:
     if return_token_ids:
         choice["token_ids"] = done.token_ids
+    if done.last is not None and done.last.routed_experts is not None:
+        choice["routed_experts"] = done.last.routed_experts.to_json()
     return choice
 
 
@@ -225,9 +242,7 @@ def completion_choice(index: int, done: Completion, want_logprobs: bool, return_
                                        skip_special_tokens)
     choice: dict[str, Any] = {"index": index, "text": text, "finish_reason": done.last.finish_reason,
                               "logprobs": logprobs}
-    if return_token_ids:
-        choice["token_ids"] = done.token_ids
-    return choice
+    return _extras(choice, done, return_token_ids)
 
 
 def response(rid: str, model: str, kind: str, choices: list[dict[str, Any]], dones: list[Completion], n: int,

@@ -461,7 +461,7 @@ class Router:
                     failed = True
                     yield api.sse(api.engine_error(out).body())
                     break
-                yield api.sse(self._chunk(rid, created, index, out, opts, streams[index]))
+                yield api.sse(api.with_routed_experts(self._chunk(rid, created, index, out, opts, streams[index]), out))
         except TimeoutError:
             failed = True
             yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",

@@ -7,16 +7,18 @@ from __future__ import annotations
 import base64
 import json
 
+import numpy as np
 import openai
 import pytest
 import requests
+import torch
 
 from runtime.checkpoint.maker import make_checkpoint
 from runtime.protocol import SamplingParams
 from runtime.router.prepare import RequestPreparer
 from tests.e2e.serve_app import ServeApp, deploy_config, free_port
 from tests.integration.workload import chat, png, reference_inputs
-from tests.reference import reference_greedy, reference_model
+from tests.reference import reference_greedy, reference_model, reference_routing
 
 
 @pytest.fixture(scope="module")
@@ -297,6 +299,36 @@ def test_n_choices_whole_and_streamed(app) -> None:
         streamed = "".join((d.get("reasoning_content") or "") + (d.get("content") or "") for d in deltas)
         message = choice["message"]
         assert streamed == (message.get("reasoning_content") or "") + (message["content"] or "")
+
+
+def _routing(field: dict) -> np.ndarray:
+    assert field["dtype"] == "int16"
+    return np.frombuffer(base64.b64decode(field["data"]), "<i2").reshape(field["shape"])
+
+
+def test_routed_experts_whole_and_streamed_equal_transformers_gate(app) -> None:
+    """Every token that passed through the model: the prompt, then every generated token but the last."""
+    served, model_dir = app
+    request = body("route me", [png(56, 84, seed=9)], max_tokens=6, return_routed_experts=True,
+                   return_token_ids=True)
+    whole = post(served, "/v1/chat/completions", request).json()
+    choice, prompt_ids = whole["choices"][0], whole["prompt_token_ids"]
+    routing = _routing(choice["routed_experts"])
+    assert routing.shape == (len(prompt_ids) + 6 - 1, 2, 2)  # tiny: layers 1 and 2 are MoE, k = 2
+    events = stream_events(post(served, "/v1/chat/completions", {**request, "stream": True}, stream=True))
+    carrying = [e for e in events[:-1] if "routed_experts" in e["choices"][0]]
+    assert len(carrying) == 1 and carrying[0] is events[-2], "the final chunk alone carries them"
+    assert carrying[0]["choices"][0]["finish_reason"] == "length"
+    assert (_routing(carrying[0]["choices"][0]["routed_experts"]) == routing).all()
+    inputs = reference_inputs(RequestPreparer(model_dir, "float32", trust_remote_code=False),
+                              chat("route me", [png(56, 84, seed=9)], SamplingParams()))
+    inputs["input_ids"] = torch.tensor([prompt_ids + choice["token_ids"][:-1]])
+    assert (reference_routing(reference_model(str(model_dir)), inputs).numpy() == routing).all()
+    completion = post(served, "/v1/completions", {"model": "tiny", "prompt": "route me", "max_tokens": 3,
+                                                  "return_routed_experts": True}).json()["choices"][0]
+    assert _routing(completion["routed_experts"]).shape[1:] == (2, 2)
+    plain = post(served, "/v1/chat/completions", body("route me", [], max_tokens=2)).json()["choices"][0]
+    assert "routed_experts" not in plain
 
 
 def test_tokenize_detokenize_version(app) -> None:

@@ -49,6 +49,7 @@ def _image_part(url: str) -> dict:
         (_body(top_logprobs=21), "top_logprobs"),
         (_body(min_tokens=5, max_tokens=2), "min_tokens"),
         (_body(chat_template_kwargs=[1]), "chat_template_kwargs"),
+        (_body(return_routed_experts="yes"), "return_routed_experts"),
     ],
 )
 def test_invalid_requests_name_the_field(body: dict, field: str) -> None:
@@ -132,3 +133,10 @@ def test_the_readme_lists_exactly_the_supported_fields() -> None:
     rows = {line.split("|")[1].strip(" `"): {f.strip(" `") for f in line.split("|")[2].split(",")}
             for line in readme.splitlines() if line.startswith("| `/")}
     assert rows == {ENDPOINT_PATHS[k]: set(v) for k, v in SUPPORTED_FIELDS.items()}
+
+
+def test_return_routed_experts_is_a_flag_that_skips_the_prefix_cache() -> None:
+    assert not parse_chat_request(_body()).sampling.return_routed_experts
+    asked = parse_chat_request(_body(return_routed_experts=True)).sampling
+    assert asked.return_routed_experts and not asked.reads_prefix_cache
+    assert parse_chat_request(_body()).sampling.reads_prefix_cache

@@ -1,13 +1,25 @@
-"""OpenAI wire-format pieces: the reasoning split (also across stream deltas), usage, errors."""
+"""OpenAI wire-format pieces: the reasoning split (also across stream deltas), usage, errors, routed experts."""
 
 from __future__ import annotations
 
+import base64
+import json
 import random
 
+import msgspec
+import numpy as np
 import pytest
 
-from runtime.protocol import RequestOutput, TokenLogprob
-from runtime.router.openai_api import ReasoningSplitter, engine_error, starts_in_reasoning, think_token_ids, usage
+from runtime.protocol import ExpertRouting, RequestOutput, TokenLogprob
+from runtime.router.openai_api import (
+    ReasoningSplitter,
+    chat_chunk,
+    engine_error,
+    starts_in_reasoning,
+    think_token_ids,
+    usage,
+    with_routed_experts,
+)
 
 
 def _split_in_pieces(text: str, reasoning: bool, seed: int) -> tuple[str, str]:
@@ -87,3 +99,19 @@ def test_usage_counts_a_prompt_once_for_its_n_choices() -> None:
             for p, c in ((10, 3), (10, 4), (7, 5), (7, 6))]
     assert usage(outs, n=2)["prompt_tokens"] == 17 and usage(outs, n=2)["completion_tokens"] == 18
     assert usage(outs[:1])["total_tokens"] == 13
+
+
+def test_routed_experts_wire_format_round_trips() -> None:
+    """Engine process -> router (msgspec) -> choice JSON (base64 of little-endian int16) -> client."""
+    ids = np.arange(5 * 3 * 2, dtype=np.int16).reshape(5, 3, 2) * 7 - 40  # [tokens, MoE layers, k]
+    routing = ExpertRouting((5, 3, 2), ids.astype("<i2").tobytes())
+    out = RequestOutput("r", [1], "", True, "length", routed_experts=routing)
+    wire = msgspec.msgpack.decode(msgspec.msgpack.encode(out), type=RequestOutput)
+    assert wire == out
+    body = json.loads(json.dumps(wire.routed_experts.to_json()))
+    assert body["shape"] == [5, 3, 2] and body["dtype"] == "int16"
+    assert (np.frombuffer(base64.b64decode(body["data"]), "<i2").reshape(body["shape"]) == ids).all()
+    chunk = with_routed_experts(chat_chunk("id", "m", 0, {}, "length"), wire)
+    assert chunk["choices"][0]["routed_experts"] == body
+    plain = with_routed_experts(chat_chunk("id", "m", 0, {"content": "x"}), RequestOutput("r", [1], "x"))
+    assert "routed_experts" not in plain["choices"][0]
