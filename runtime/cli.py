@@ -6,7 +6,6 @@ import argparse
 import base64
 import io
 import json
-import os
 import signal
 import sys
 import time
@@ -188,8 +187,7 @@ def _serve(args: argparse.Namespace) -> int:
     AppConfig.model_validate(config["applications"][0].get("args") or {})  # a refused checkpoint stops here
     url = launch.base_url(config)
     launch.check_port_free(config)  # else /health would be answered by whatever holds the port
-    os.environ.update(launch.ray_environment(config))  # before Ray starts: its processes inherit them
-    ray.init(include_dashboard=False, configure_logging=False, log_to_driver=False)
+    launch.start_ray(config, include_dashboard=False, configure_logging=False, log_to_driver=False)
     # SIGTERM (kill, a process manager, a background job where SIGINT is ignored) stops it cleanly too.
     # Installed after ray.init, whose own handler would otherwise abort the process on SIGTERM.
     signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)

@@ -88,6 +88,23 @@ def ray_environment(config: dict[str, Any]) -> dict[str, str]:
 SINGLE_MACHINE_RAY = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
+def start_ray(config: dict[str, Any], **init_kwargs: Any) -> None:
+    """Start the local Ray cluster that serves this app, with ray_environment in its processes'
+    environment. Ray reads the single-machine setting when it is imported, and the driver may have
+    imported it already: the driver's own copy of the setting is set too, so that ray.init gives
+    the node the loopback address as well."""
+    import os
+
+    import ray
+    from ray._private import ray_constants
+
+    env = ray_environment(config)
+    os.environ.update(env)
+    if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
+        ray_constants.ENABLE_RAY_CLUSTER = False
+    ray.init(**init_kwargs)
+
+
 def is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -10,6 +10,7 @@ from typing import Any
 
 import ray
 import requests
+from ray._private import ray_constants
 
 from runtime.router import launch
 
@@ -28,11 +29,12 @@ def deploy_config(args: dict[str, Any] | None = None, replicas: dict[str, int] |
 
 class ServeApp:
     def __init__(self, port: int):
-        # As `python -m runtime serve` starts Ray (launch.ray_environment); restored on close.
+        # As `python -m runtime serve` starts Ray (launch.start_ray); restored on close, with the
+        # driver's single-machine setting (later modules may start a multi-node cluster).
         self._saved_env = dict(os.environ)
-        os.environ.update(launch.ray_environment({"http_options": {"port": port}}))
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+        self._saved_cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        launch.start_ray({"http_options": {"port": port}}, num_cpus=2, include_dashboard=False,
+                         configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         self.port = port
         self.base_url = f"http://127.0.0.1:{port}"
 
@@ -62,3 +64,4 @@ class ServeApp:
         ray.shutdown()
         os.environ.clear()
         os.environ.update(self._saved_env)
+        ray_constants.ENABLE_RAY_CLUSTER = self._saved_cluster_mode
