@@ -135,3 +135,32 @@ def test_embeddings_that_never_arrive_fail_the_request() -> None:
         assert "[0, 1]" in failures[0][1]
 
     asyncio.run(main())
+
+
+REQUEST_SCOPE = __import__("contextvars").ContextVar("request_scope", default=None)
+
+
+def test_the_encode_call_is_not_made_in_the_requests_context() -> None:
+    """Serve cancels the child calls made in a request's context when its client leaves; the encode
+    must run to its answer (which names the replica to release), so it runs in a context of its own."""
+    seen: list = []
+
+    class ScopeSeeingHandle(FakeHandle):
+        def remote(self, request):
+            seen.append(REQUEST_SCOPE.get())
+            return super().remote(request)
+
+    async def main():
+        client, _, sender, _ = _client()
+        client.handle = ScopeSeeingHandle()
+        REQUEST_SCOPE.set("the HTTP request's context")
+        client.expect("r", IMAGES)
+        client.encode("r")
+        await _settle()
+        assert seen == [None]
+        client.request_ended("r")
+        client.handle.calls[0][1].set_result(EncodeAccepted("tcp://vision:7", 2))
+        await _settle()
+        assert sender.released == [("tcp://vision:7", "r")]
+
+    asyncio.run(main())
