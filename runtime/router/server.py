@@ -30,6 +30,7 @@ from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
 from runtime.requests import check_fields, parse_chat_request, parse_count, parse_prompts, parse_sampling
+from runtime.router import generate_api
 from runtime.router import openai_api as api
 from runtime.router.assistant import AssistantStream, ToolUse
 from runtime.router.fetch import ImageFetcher
@@ -120,6 +121,7 @@ class Router:
         self.telemetry = RouterMetrics()
         self.board = board(serve.get_replica_context().app_name)
         self._in_flight = 0
+        self.weights_version = 0  # the newest LM weights version seen (runtime.router.admin)
 
     # --- endpoints -----------------------------------------------------------------------------
 
@@ -245,8 +247,11 @@ class Router:
         if self._in_flight >= self.config.limits.max_queued_requests:
             return self._error(api.ApiError(429, "too many requests in flight; retry shortly", "rate_limit_error",
                                             headers={"Retry-After": "1"}))
+        if "generate" in plan.options:  # SGLang's /generate answers in its own shapes
+            return await self._generate_answer(plan, plan.options["generate"], timer)
         if plan.options["stream"]:
-            return StreamingResponse(self._sse(plan, chat, timer), media_type="text/event-stream")
+            return StreamingResponse(self._sse(plan, chat, timer), media_type="text/event-stream",
+                                     headers=self._version_header())
         return await self._whole(plan, chat, timer)
 
     def _auth(self, request: Request) -> Response | None:
@@ -328,14 +333,97 @@ class Router:
             echoes += [api.Echo(text, ids) if echo else None] * n
         return _Plan(rid, gens, n, self._options(body, sampling), echoes)
 
-    def _completion_ids(self, prompt: str | list[int]) -> list[int]:
+    def _completion_ids(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
         ids = list(self.prep.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
         if isinstance(prompt, list) and self.prep.model_config.image_token_id in ids:
-            raise RequestError("prompt token ids must not contain the image placeholder id", "prompt")
+            raise RequestError(f"{field} token ids must not contain the image placeholder id", field)
         limit = self.prep.model_config.text.max_position_embeddings
         if len(ids) >= limit:
-            raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit} tokens", "prompt")
+            raise RequestError(f"{field} is {len(ids)} tokens; the model's context is {limit} tokens", field)
         return ids
+
+    # --- SGLang's /generate (runtime.router.generate_api) ----------------------------------------
+
+    @http.post("/generate")
+    async def generate(self, request: Request) -> Response:
+        return await self._serve(request, self._prepare_generate, chat=False)
+
+    async def _prepare_generate(self, body: dict[str, Any]) -> _Plan:
+        gen = generate_api.parse_generate(body, self.prep.defaults.sampling, self.limits,
+                                          self.prep.model_config.text.vocab_size)
+        rid = gen.rid or uuid.uuid4().hex
+        ids = generate_api.sample_ids(rid, len(gen.prompts), gen.n)
+        gens: list[GenerateRequest] = []
+        for i, prompt in enumerate(gen.prompts):
+            first = GenerateRequest(ids[i * gen.n], self._completion_ids(prompt, gen.field),
+                                    gen.sampling)
+            gens += [msgspec.structs.replace(g, request_id=ids[i * gen.n + j])
+                     for j, g in enumerate(_fan_out(first, gen.n))]
+        return _Plan(rid, gens, gen.n, {"stream": gen.stream, "generate": gen}, [None] * len(gens))
+
+    async def _generate_answer(self, plan: _Plan, gen: generate_api.GenerateBody, timer: RequestTimer) -> Response:
+        if gen.stream:
+            return StreamingResponse(self._generate_sse(plan, gen, timer), media_type="text/event-stream",
+                                     headers=self._version_header())
+        dones = [api.Completion() for _ in plan.gens]
+        try:
+            async for index, out in self._merged(plan):
+                timer.tokens(len(out.token_ids))
+                dones[index].add(out)
+        except TimeoutError:
+            return self._error(api.ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s",
+                                            "timeout_error"))
+        except Exception as e:
+            log.exception("request %s failed", plan.request_id)
+            return self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
+        for done in dones:
+            assert done.last is not None
+            if done.last.finish_reason == "error":
+                return self._error(api.engine_error(done.last))
+        timer.finish()
+        self.telemetry.count(200)
+        answers = [generate_api.answer(g.request_id, d.text, d.token_ids, d.logprobs, d.last, gen,
+                                       d.last.weights_version) for g, d in zip(plan.gens, dones, strict=True)
+                   if d.last is not None]
+        one = len(answers) == 1 and not gen.batched
+        return JSONResponse(answers[0] if one else answers, headers=self._version_header(dones))
+
+    async def _generate_sse(self, plan: _Plan, gen: generate_api.GenerateBody,
+                            timer: RequestTimer) -> AsyncIterator[bytes]:
+        """Each event: one sample's whole answer so far (SGLang's default), with its index when several."""
+        dones = [api.Completion() for _ in plan.gens]
+        many = len(plan.gens) > 1 or gen.batched
+        failed = False
+        try:
+            async for index, out in self._merged(plan):
+                timer.tokens(len(out.token_ids))
+                if out.finish_reason == "error":
+                    failed = True
+                    yield api.sse(api.engine_error(out).body())
+                    break
+                done = dones[index]
+                done.add(out)
+                event = generate_api.answer(plan.gens[index].request_id, done.text, done.token_ids, done.logprobs,
+                                            out, gen, out.weights_version)
+                yield api.sse(event | {"index": index} if many else event)
+        except TimeoutError:
+            failed = True
+            yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
+                                         "timeout_error", code=504))
+        except Exception as e:
+            failed = True
+            yield api.sse(api.error_body(f"{type(e).__name__}: {e}", "server_error", code=500))
+        if not failed:
+            timer.finish()
+        self.telemetry.count(500 if failed else 200)
+        yield api.sse("[DONE]")
+
+    def _version_header(self, dones: list[api.Completion] | None = None) -> dict[str, str]:
+        """x-weights-version: the version that answered (a stream's headers go before its first
+        output: there, the newest version this router has seen)."""
+        versions = [d.last.weights_version for d in dones or [] if d.last is not None]
+        self.weights_version = max([self.weights_version, *versions])
+        return {"x-weights-version": str(max(versions) if versions else self.weights_version)}
 
     # --- running -------------------------------------------------------------------------------
 
@@ -442,7 +530,7 @@ class Router:
         prompt_ids = plan.gens[0].prompt_ids if opts["return_token_ids"] and one_prompt else None
         body = api.response(plan.request_id, self.model, "chat.completion" if chat else "text_completion", choices,
                             dones, plan.n, prompt_ids)
-        return JSONResponse(body)
+        return JSONResponse(body, headers=self._version_header(dones))
 
     async def _sse(self, plan: _Plan, chat: bool, timer: RequestTimer) -> AsyncIterator[bytes]:
         rid, created, opts = plan.request_id, int(time.time()), plan.options
