@@ -13,6 +13,7 @@ set (the replica's health check fails and the request router skips it), and no n
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import multiprocessing as mp
@@ -24,14 +25,19 @@ import msgspec
 import torch
 import zmq
 
+from runtime.lm_service.admin import reply_on
 from runtime.lm_service.async_engine import OutputStreams
 from runtime.lm_service.engine import EngineConfig, EngineHooks, EngineStats
 from runtime.lm_service.engine_core import CoreSpec, run_engine_core
 from runtime.lm_service.engine_loop import EngineDeadError, error_output
 from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import (
+    AdminOp,
+    AdminResult,
     CoreAbort,
     CoreAdd,
+    CoreAdmin,
+    CoreAdminDone,
     CoreCommand,
     CoreDead,
     CoreEvent,
@@ -64,6 +70,7 @@ class EngineClient:
         self.streams = OutputStreams(self.abort)
         self._live: set[str] = set()  # admitted and not yet released
         self._missing_replies: dict[int, Callable[[list[int]], None]] = {}
+        self._admin_replies: dict[int, Callable[[AdminResult], None]] = {}
         self._tokens = itertools.count()
         self._send_lock = threading.Lock()
         self._closed = False
@@ -129,6 +136,15 @@ class EngineClient:
         self._missing_replies[token] = reply
         self._send(CoreWhenMissing(request_id, list(indexes), token))
 
+    async def admin(self, op: AdminOp) -> AdminResult:
+        """Run an admin operation in the core (runtime.lm_service.admin); its result when it ended."""
+        self.check_alive()
+        future, reply = reply_on(asyncio.get_running_loop())
+        token = next(self._tokens)
+        self._admin_replies[token] = reply
+        self._send(CoreAdmin(token, op))
+        return await future
+
     def stats(self) -> EngineStats:
         if self._stats is None:  # before the first snapshot arrived
             return EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0, 0, 0, self.config.ep_size)
@@ -183,6 +199,10 @@ class EngineClient:
             reply = self._missing_replies.pop(event.token, None)
             if reply is not None:
                 reply(event.image_indexes)
+        elif isinstance(event, CoreAdminDone):
+            admin_reply = self._admin_replies.pop(event.token, None)
+            if admin_reply is not None:
+                admin_reply(event.result)
         elif isinstance(event, CoreStats):
             self._stats = EngineStats(**event.engine)  # type: ignore[arg-type]
             self.malformed_messages = event.malformed_messages
