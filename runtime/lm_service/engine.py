@@ -261,8 +261,10 @@ class Engine:
     # --- memory and weights (runtime.lm_service.admin drives these between steps) -------------
 
     def abort_requests(self, request_ids: list[str] | None = None) -> list[RequestOutput]:
-        """End these live requests (every one with None) with finish_reason "abort"; their last outputs."""
-        ids = list(self.states) if request_ids is None else [r for r in request_ids if r in self.states]
+        """End these live requests (every one with None) with finish_reason "abort"; their last outputs.
+        An id also names the requests the router made of it (its n samples, its prompts: `id-...`)."""
+        wanted, parts = set(request_ids or ()), tuple(f"{w}-" for w in request_ids or ())
+        ids = [r for r in self.states if request_ids is None or r in wanted or r.startswith(parts)]
         return [out for rid in ids if (out := self.abort(rid)) is not None]
 
     def sleep(self, level: int) -> None:

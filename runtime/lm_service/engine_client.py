@@ -60,7 +60,9 @@ _event_decoder = msgspec.msgpack.Decoder(CoreEvent)
 
 class EngineClient:
     def __init__(self, model_dir: str, config: EngineConfig, hooks: EngineHooks, inbox_host: str,
-                 start_timeout_s: float = 600.0, liveness_period_s: float = 0.5):
+                 start_timeout_s: float = 600.0, liveness_period_s: float = 0.5,
+                 weights: tuple[str, int] | None = None):
+        """weights: (checkpoint, version) to serve instead of model_dir's own (after a weight update)."""
         if config.ep_size > 1:  # EP ranks are Ray actors the replica places; the core is no Ray process
             raise ValueError(f"an engine-core process runs ep_size 1, not {config.ep_size}")
         self.config, self.hooks = config, hooks
@@ -77,7 +79,7 @@ class EngineClient:
         self._context = zmq.Context()
         self._commands = self._bind(zmq.PUSH)
         self._events = self._bind(zmq.PULL)
-        spec = CoreSpec(model_dir, config, _address(self._commands), _address(self._events), inbox_host)
+        spec = CoreSpec(model_dir, config, _address(self._commands), _address(self._events), inbox_host, weights)
         self.process = mp.get_context("spawn").Process(target=run_engine_core, args=(spec,), daemon=True,
                                                        name="engine-core")
         self.process.start()

@@ -63,6 +63,7 @@ class CoreSpec:
     commands: str
     events: str
     inbox_host: str
+    weights: tuple[str, int] | None = None  # (checkpoint, version) replacing model_dir's weights
 
 
 class _Events:
@@ -90,6 +91,8 @@ def run_engine_core(spec: CoreSpec) -> None:
             released=lambda rid: events.send(CoreReleased(rid)),
         )
         engine = Engine.from_model_dir(spec.model_dir, spec.config, hooks)
+        if spec.weights is not None:
+            engine.load_weights(*spec.weights)
     except BaseException as e:
         events.send(CoreDead(f"the engine failed to load: {type(e).__name__}: {e}"))
         raise

@@ -30,7 +30,7 @@ from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
 from runtime.requests import check_fields, parse_chat_request, parse_count, parse_prompts, parse_sampling
-from runtime.router import generate_api
+from runtime.router import admin, generate_api
 from runtime.router import openai_api as api
 from runtime.router.assistant import AssistantStream, ToolUse
 from runtime.router.fetch import ImageFetcher
@@ -122,6 +122,8 @@ class Router:
         self.board = board(serve.get_replica_context().app_name)
         self._in_flight = 0
         self.weights_version = 0  # the newest LM weights version seen (runtime.router.admin)
+        self.admin = admin.AdminFanOut(lm, self.board, self.config.admin.timeout_s, model_dir)
+        self._pool_state: tuple[float, dict[str, Any]] = (0.0, {})  # (when read, the board's admin state)
 
     # --- endpoints -----------------------------------------------------------------------------
 
@@ -244,6 +246,9 @@ class Router:
             return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
         except api.ApiError as e:
             return self._error(e)
+        if self.config.admin.enabled and (await self._pool_state_now()).get("sleep_level"):
+            return self._error(api.ApiError(503, "the LM pool is asleep (POST /admin/wake brings it back)",
+                                            "service_unavailable", headers={"Retry-After": "5"}))
         if self._in_flight >= self.config.limits.max_queued_requests:
             return self._error(api.ApiError(429, "too many requests in flight; retry shortly", "rate_limit_error",
                                             headers={"Retry-After": "1"}))
@@ -424,6 +429,62 @@ class Router:
         versions = [d.last.weights_version for d in dones or [] if d.last is not None]
         self.weights_version = max([self.weights_version, *versions])
         return {"x-weights-version": str(max(versions) if versions else self.weights_version)}
+
+    # --- admin (runtime.router.admin) ----------------------------------------------------------
+
+    @http.post("/admin/abort")
+    async def admin_abort(self, request: Request) -> Response:
+        return await self._admin(request, lambda body: self.admin.run(admin.parse_abort(body)))
+
+    @http.post("/admin/sleep")
+    async def admin_sleep(self, request: Request) -> Response:
+        return await self._admin(request, lambda body: self.admin.run(admin.parse_sleep(body)), sleeping=True)
+
+    @http.post("/admin/wake")
+    async def admin_wake(self, request: Request) -> Response:
+        return await self._admin(request, lambda body: self.admin.run(admin.parse_wake(body)), sleeping=False)
+
+    @http.post("/admin/update_weights")
+    async def admin_update_weights(self, request: Request) -> Response:
+        return await self._admin(request, self.admin.update_weights)
+
+    async def _admin(self, request: Request, run: Any, sleeping: bool | None = None) -> Response:
+        """Off (404) unless admin.enabled; 403 without the API key; then every LM replica runs it."""
+        if not self.config.admin.enabled:
+            return self._error(api.ApiError(404, "the admin endpoints are off (admin.enabled: true in the app "
+                                                 "config turns them on)", "not_found_error"))
+        if request.headers.get("authorization", "") != f"Bearer {self.config.api_key}":
+            return self._error(api.ApiError(403, "the admin endpoints need the API key (Authorization: Bearer ...)",
+                                            "permission_error"))
+        try:
+            body = await self._json_body(request) if int(request.headers.get("content-length") or 0) else {}
+            outcome: admin.Outcome = await run(body)
+        except RequestError as e:
+            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
+        except api.ApiError as e:
+            return self._error(e)
+        if not outcome.results:
+            return self._error(api.ApiError(503, "no LM replica is running", "service_unavailable"))
+        if not outcome.ok:
+            log.warning("admin %s failed: %s", request.url.path, outcome.first_error())
+            error = api.ApiError(outcome.status(), outcome.first_error(),
+                                 "invalid_request_error" if outcome.status() == 400 else "server_error")
+            return JSONResponse(error.body() | outcome.body(), error.status)
+        if sleeping is not None:
+            level = max(r.sleep_level for r in outcome.results) if sleeping else 0
+            await self.board.set_admin_state.remote({"sleep_level": level})
+        self._pool_state = (0.0, {})
+        self.weights_version = max([self.weights_version, *(r.weights_version for r in outcome.results)])
+        return JSONResponse(outcome.body() | {"weights_version": self.weights_version},
+                            headers={"x-weights-version": str(self.weights_version)})
+
+    async def _pool_state_now(self, max_age_s: float = 0.5) -> dict[str, Any]:
+        """The board's admin state, read at most every max_age_s (every router sees another's sleep)."""
+        at, state = self._pool_state
+        if time.monotonic() - at > max_age_s:
+            state = await self.board.admin_state.remote()
+            self._pool_state = (time.monotonic(), state)
+        return state
 
     # --- running -------------------------------------------------------------------------------
 
