@@ -136,7 +136,7 @@ def test_sleep_and_wake_under_traffic(app) -> None:
                 assert all(r["sleep_level"] == level for r in slept.json()["replicas"])
                 during = post(served, "/generate", greedy(IDS))
                 assert during.status_code == 503 and during.headers["Retry-After"]
-                assert eventually(lambda: all(s["engine"]["sleep_level"] == level  # reported every 0.25 s
+                assert eventually(lambda level=level: all(s["engine"]["sleep_level"] == level  # every 0.25 s
                                               for s in served.stats()["lm"].values()))
                 woke = post(served, "/admin/wake")
                 assert woke.status_code == 200, woke.text
