@@ -83,6 +83,13 @@ class ImageUrlArgs(_Section):
     fetch_timeout_s: float = Field(10.0, gt=0)
 
 
+class AdminArgs(_Section):
+    enabled: bool = Field(False, description="the /admin/* endpoints (abort, sleep, wake, update_weights); they "
+                                             "need api_key, and answer 404 while off")
+    timeout_s: float = Field(600.0, gt=0, description="the longest an admin call waits for every LM replica "
+                                                      "(a drain waits for the requests in flight)")
+
+
 class AppConfig(_Section):
     model: str = Field(TINY, description="checkpoint directory, or 'tiny' for the embedded default")
     trust_remote_code: bool = Field(False, description="let the checkpoint's own Python code run: a tokenizer "
@@ -98,6 +105,7 @@ class AppConfig(_Section):
     vision: VisionArgs = VisionArgs()
     limits: LimitArgs = LimitArgs()
     image_urls: ImageUrlArgs = ImageUrlArgs()
+    admin: AdminArgs = AdminArgs()
 
     @field_validator("model")
     @classmethod
@@ -124,6 +132,12 @@ class AppConfig(_Section):
         """The names /v1/models lists, the first one answering in every response (as vLLM does:
         `model` as given, a path for a directory, unless served_model_name replaces it)."""
         return list(self.served_model_name or [self.model])
+
+    @model_validator(mode="after")
+    def _admin_needs_a_key(self) -> AppConfig:
+        if self.admin.enabled and not self.api_key:
+            raise ValueError("admin.enabled needs api_key: the admin endpoints answer only requests that carry it")
+        return self
 
     @model_validator(mode="after")
     def _model_code_is_trusted(self) -> AppConfig:

@@ -37,6 +37,12 @@ class ShapeMismatchError(CheckpointError):
         self.name, self.expected, self.actual = name, expected, actual
 
 
+class DtypeMismatchError(CheckpointError):
+    def __init__(self, name: str, expected: str, actual: str) -> None:
+        super().__init__(f"tensor {name!r} is {actual}, expected {expected}")
+        self.name = name
+
+
 class CorruptCheckpointError(CheckpointError):
     """A safetensors file or index cannot be parsed."""
 

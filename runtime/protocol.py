@@ -105,6 +105,7 @@ class RequestOutput(msgspec.Struct, tag="request_output"):
     prompt_logprobs: list[TokenLogprob] | None = None
     # On the request's last output when SamplingParams.return_routed_experts is set (and it did not fail).
     routed_experts: ExpertRouting | None = None
+    weights_version: int = 0  # the LM weights that computed it (bumped by /admin/update_weights)
 
 
 # --- vision pool -> LM replica, over ZMQ (a header frame, then the raw tensor frame) ----------
@@ -182,6 +183,59 @@ class GenerateRequest(msgspec.Struct, tag="generate_request", frozen=True):
     image_keys: list[str] = []
 
 
+# --- admin operations: router -> every LM replica (a Serve handle call each) -> its engine --------
+
+
+class AdminAbort(msgspec.Struct, tag="admin_abort", frozen=True):
+    """End these in-flight requests (all of them when None) with finish_reason "abort"."""
+
+    request_ids: list[str] | None = None
+
+
+class AdminSleep(msgspec.Struct, tag="admin_sleep", frozen=True):
+    """Free the KV cache's memory (level 1), and the weights' (level 2), once the requests in flight
+    have finished (mode "drain") or been aborted (mode "abort")."""
+
+    level: int = 1
+    mode: str = "drain"
+
+
+class AdminWake(msgspec.Struct, tag="admin_wake", frozen=True):
+    pass
+
+
+class AdminUpdateWeights(msgspec.Struct, tag="admin_update_weights", frozen=True):
+    """Serve the LM weights of checkpoint `path` as `version`, after draining or aborting."""
+
+    path: str
+    version: int
+    mode: str = "drain"
+
+
+AdminOp = AdminAbort | AdminSleep | AdminWake | AdminUpdateWeights
+
+
+class AdminCall(msgspec.Struct, tag="admin_call", frozen=True):
+    """A handle call meant for one LM replica: the request router sends it to `replica` only."""
+
+    replica: str
+    op: AdminOp
+
+
+class AdminResult(msgspec.Struct, tag="admin_result", frozen=True):
+    """How an operation ended on one replica. error_type: "invalid_request" (the client's fault: a
+    checkpoint that does not fit) or "internal"."""
+
+    replica: str = ""
+    ok: bool = True
+    error: str | None = None
+    error_type: str | None = None
+    aborted: int = 0  # requests ended by this operation
+    sleep_level: int = 0
+    weights_version: int = 0
+    seconds: float = 0.0
+
+
 # --- LM replica <-> its engine-core process, over ZMQ (runtime.lm_service.engine_core) ----------
 
 
@@ -214,7 +268,14 @@ class CoreShutdown(msgspec.Struct, tag="core_shutdown", frozen=True):
     pass
 
 
-CoreCommand = CoreAdd | CoreAbort | CoreFail | CoreWhenMissing | CoreShutdown
+class CoreAdmin(msgspec.Struct, tag="core_admin", frozen=True):
+    """Answered by CoreAdminDone(token) once the operation ended."""
+
+    token: int
+    op: AdminOp
+
+
+CoreCommand = CoreAdd | CoreAbort | CoreFail | CoreWhenMissing | CoreShutdown | CoreAdmin
 
 
 class CoreReady(msgspec.Struct, tag="core_ready", frozen=True):
@@ -253,4 +314,10 @@ class CoreDead(msgspec.Struct, tag="core_dead", frozen=True):
     message: str
 
 
-CoreEvent = CoreReady | CoreOutputs | CoreNeedEmbeddings | CoreReleased | CoreMissing | CoreStats | CoreDead
+class CoreAdminDone(msgspec.Struct, tag="core_admin_done", frozen=True):
+    token: int
+    result: AdminResult
+
+
+CoreEvent = (CoreReady | CoreOutputs | CoreNeedEmbeddings | CoreReleased | CoreMissing | CoreStats | CoreDead
+             | CoreAdminDone)

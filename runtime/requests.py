@@ -46,23 +46,33 @@ SUPPORTED_FIELDS: dict[str, frozenset[str]] = {
     "tokenize": frozenset({"model", "prompt", "messages", "add_special_tokens", "return_token_strs",
                            "add_generation_prompt", "chat_template_kwargs", "tools"}),
     "detokenize": frozenset({"model", "tokens"}),
+    # SGLang's native /generate (runtime.router.generate_api), and its sampling_params object.
+    "generate": frozenset({"model", "text", "input_ids", "sampling_params", "return_logprob", "top_logprobs_num",
+                           "logprob_start_len", "stream", "rid"}),
+    "generate_sampling": frozenset({
+        "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "sampling_seed",
+        "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens", "presence_penalty", "frequency_penalty",
+        "repetition_penalty", "json_schema", "regex", "ebnf"}),
 }
 ENDPOINT_PATHS = {"chat": "/v1/chat/completions", "completions": "/v1/completions", "tokenize": "/tokenize",
-                  "detokenize": "/detokenize"}
+                  "detokenize": "/detokenize", "generate": "/generate",
+                  "generate_sampling": "/generate sampling_params"}
 # Fields accepted only at the value that means "off": the runtime implements no penalties.
 _NEUTRAL_VALUES: dict[str, Any] = {"presence_penalty": 0, "frequency_penalty": 0, "repetition_penalty": 1}
 
 
-def check_fields(body: dict[str, Any], endpoint: str) -> None:
-    """Refuse any field this endpoint does not implement, and the penalty fields at any value but off."""
+def check_fields(body: dict[str, Any], endpoint: str, prefix: str = "") -> None:
+    """Refuse any field this endpoint does not implement, and the penalty fields at any value but off.
+    `prefix` names where a nested object sits in the body (the error's field is prefix + name)."""
     unknown = sorted(k for k in body if k not in SUPPORTED_FIELDS[endpoint])
     if unknown:
         path = ENDPOINT_PATHS[endpoint]
-        raise RequestError(f"{unknown[0]} is not supported by {path} (supported fields: "
-                           f"{', '.join(sorted(SUPPORTED_FIELDS[endpoint]))})", unknown[0])
+        raise RequestError(f"{prefix}{unknown[0]} is not supported by {path} (supported fields: "
+                           f"{', '.join(sorted(SUPPORTED_FIELDS[endpoint]))})", prefix + unknown[0])
     for name, neutral in _NEUTRAL_VALUES.items():
         if body.get(name) not in (None, neutral):
-            raise RequestError(f"{name} is not supported (only {neutral}, which applies no penalty)", name)
+            raise RequestError(f"{prefix}{name} is not supported (only {neutral}, which applies no penalty)",
+                               prefix + name)
     if body.get("add_generation_prompt") is False:
         raise RequestError("add_generation_prompt false is not supported: prompts end with the assistant's turn "
                            "opened, as /v1/chat/completions renders them", "add_generation_prompt")

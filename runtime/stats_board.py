@@ -21,6 +21,15 @@ PERIOD_S = 0.25
 class StatsBoard:
     def __init__(self) -> None:
         self._reports: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+        # What the admin endpoints last made of the LM pool (runtime.router.admin): a replica that
+        # starts later loads these weights; routers refuse requests (503) while the pool sleeps.
+        self._admin: dict[str, Any] = {"weights_version": 0, "weights_path": None, "sleep_level": 0}
+
+    def admin_state(self) -> dict[str, Any]:
+        return dict(self._admin)
+
+    def set_admin_state(self, changes: dict[str, Any]) -> None:
+        self._admin.update(changes)
 
     def report(self, pool: str, replica: str, stats: dict[str, Any]) -> None:
         self._reports[(pool, replica)] = (time.monotonic(), stats)

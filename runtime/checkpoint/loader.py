@@ -21,6 +21,7 @@ from runtime.checkpoint import names as N
 from runtime.errors import (
     CheckpointError,
     CorruptCheckpointError,
+    DtypeMismatchError,
     MissingTensorError,
     QuantizedTensorError,
     ShapeMismatchError,
@@ -119,6 +120,9 @@ def _load_into(module: nn.Module, plan: dict[str, N.Source], index: TensorIndex)
             tensor, used = _read(index, src, name)
             if tuple(tensor.shape) != tuple(target.shape):
                 raise ShapeMismatchError(used[0], tuple(target.shape), tuple(tensor.shape))
+            if tensor.is_floating_point() != target.is_floating_point():  # an integer tensor is no weight
+                raise DtypeMismatchError(used[0], "a floating-point tensor" if target.is_floating_point()
+                                         else str(target.dtype), str(tensor.dtype))
             target.copy_(tensor.to(target.dtype))
             consumed.update(used)
     return consumed

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 import msgspec
 import torch
 
+from runtime.lm_service.admin import EngineAdmin, reply_on
 from runtime.lm_service.engine import Engine, EngineStats
 from runtime.lm_service.engine_loop import EngineDeadError, EngineLoop
 from runtime.lm_service.request_state import EngineRequest
-from runtime.protocol import RequestOutput
+from runtime.protocol import AdminOp, AdminResult, RequestOutput
 
 __all__ = ["AsyncEngine", "EngineDeadError", "OutputStreams", "merge_outputs"]
 
@@ -115,6 +116,7 @@ class AsyncEngine:
         self.engine = engine
         self.streams = OutputStreams(self.abort)
         self.loop = EngineLoop(engine, self.streams.deliver, idle_wait_s=idle_wait_s)
+        self.admin_ops = EngineAdmin(self.loop)
         self.loop.start()
 
     @property
@@ -151,6 +153,13 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         self.streams.close(request_id)
         self.loop.abort(request_id)
+
+    async def admin(self, op: AdminOp) -> AdminResult:
+        """Run an admin operation between steps (runtime.lm_service.admin); its result when it ended."""
+        self.loop.check_alive()
+        future, reply = reply_on(asyncio.get_running_loop())
+        self.admin_ops.run(op, reply)
+        return await future
 
     def stats(self) -> EngineStats:
         return self.loop.stats()

@@ -20,11 +20,14 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
 
+import msgspec
+import ray
 import torch
 from ray import serve
 
 from runtime import serve_compat
 from runtime.errors import RequestError
+from runtime.lm_service.admin import Admission
 from runtime.lm_service.async_engine import AsyncEngine
 from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
 from runtime.lm_service.engine_client import EngineClient
@@ -32,11 +35,17 @@ from runtime.lm_service.engine_loop import error_output
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, encode_failure
-from runtime.protocol import GenerateRequest, RequestOutput
-from runtime.stats_board import Reporter, rss_bytes
+from runtime.protocol import AdminCall, AdminResult, GenerateRequest, RequestOutput
+from runtime.stats_board import Reporter, board, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
 from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import load_processor_config
+
+
+def _current_weights(app_name: str) -> tuple[str, int] | None:
+    """(path, version) of the weights the admin endpoints last loaded into the pool, if any."""
+    state = ray.get(board(app_name).admin_state.remote(), timeout=30)
+    return (state["weights_path"], state["weights_version"]) if state["weights_version"] else None
 
 
 @serve.deployment(name="LMService", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
@@ -58,19 +67,24 @@ class LMService:
                             released=lambda rid: self.vision.request_ended(rid))
         self.engine: AsyncEngine | EngineClient
         self.inbox: EmbeddingInbox | None = None
+        context = serve.get_replica_context()
+        weights = _current_weights(context.app_name)  # a replica that starts after an update serves it too
         if engine_process:  # the engine steps in its own process; embeddings go straight to it
-            self.engine = EngineClient(model_dir, self.config, hooks, host)
+            self.engine = EngineClient(model_dir, self.config, hooks, host, weights=weights)
             inbox_address = self.engine.inbox_address
         else:
             # EP worker ranks are Ray actors in this replica's placement group (on its node).
             launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
-            local = self.engine = AsyncEngine(Engine.from_model_dir(model_dir, self.config, hooks, launch))
+            stepped = Engine.from_model_dir(model_dir, self.config, hooks, launch)
+            if weights is not None:
+                stepped.load_weights(*weights)
+            local = self.engine = AsyncEngine(stepped)
             self.inbox = EmbeddingInbox(lambda h, t: local.add_embeddings(h.request_id, h.image_index, t),
                                         lambda error: local.fail(error.request_id, *encode_failure(error)), host)
             inbox_address = self.inbox.address
         self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address), self._fail,
                                    self._when_missing, VisionClientConfig(**(vision_client or {})))
-        context = serve.get_replica_context()
+        self.admission = Admission()
         self.replica = context.replica_id.unique_id
         self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)
 
@@ -86,6 +100,9 @@ class LMService:
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         rid = request.request_id
+        if (refusal := await self.admission.enter()) is not None:  # waits while an admin operation runs
+            yield error_output(rid, refusal, "unavailable")
+            return
         keys = request.image_keys or [image_key(i.data, self.processor, self.model_dir, self.config.dtype)
                                       for i in request.images]
         if request.images:
@@ -106,6 +123,13 @@ class LMService:
                 yield out
         finally:
             self.engine.abort(rid)  # a no-op when it finished; frees everything when the caller left
+
+    async def admin(self, call: AdminCall) -> AdminResult:
+        """One admin operation on this replica's engine (the router sends one to every replica)."""
+        if call.replica != self.replica:
+            return AdminResult(self.replica, False, f"meant for replica {call.replica}", "internal")
+        result = await self.admission.run(call.op, self.engine.admin)
+        return msgspec.structs.replace(result, replica=self.replica)
 
     async def stats(self) -> dict[str, Any]:
         return self.snapshot()

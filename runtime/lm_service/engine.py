@@ -98,6 +98,8 @@ class EngineStats:
     ep_size: int
     ep_expert_bytes: list[int] = field(default_factory=list)
     ep_rank_pids: list[int] = field(default_factory=list)
+    sleep_level: int = 0
+    weights_version: int = 0
 
 
 def placeholder_runs(ids: list[int], image_token_id: int) -> list[tuple[int, int]]:
@@ -135,6 +137,9 @@ class Engine:
         self._generated: deque[tuple[float, int]] = deque(maxlen=200)
         self._generator = torch.Generator()  # draws for the requests without a seed of their own
         self._generator.manual_seed(int(torch.randint(0, 2**62, ()).item()))
+        self.weights_version = 0  # bumped by each weight update (runtime.lm_service.admin)
+        self.weights_path = ""  # the checkpoint the weights came from (a level-2 sleep reads it again)
+        self.sleep_level = 0  # 0 awake, 1 KV cache memory freed, 2 the weights too
         self.grammars = GrammarBook(tokenizer, model_config.text.vocab_size, eos_token_ids,
                                     threads=config.threads_per_rank)
 
@@ -145,8 +150,10 @@ class Engine:
         from runtime.lm_service.loading import load_engine_parts
 
         parts = load_engine_parts(model_dir, config, launch)
-        return cls(parts.lm, parts.model_config, config, parts.eos_token_ids, parts.tokenizer, hooks,
-                   parts.expert_group)
+        engine = cls(parts.lm, parts.model_config, config, parts.eos_token_ids, parts.tokenizer, hooks,
+                     parts.expert_group)
+        engine.weights_path = str(model_dir)
+        return engine
 
     # --- requests in -------------------------------------------------------------------------
 
@@ -251,9 +258,55 @@ class Engine:
         """Forwards run so far (a step with nothing schedulable does not count)."""
         return self._counters["steps"]
 
+    # --- memory and weights (runtime.lm_service.admin drives these between steps) -------------
+
+    def abort_requests(self, request_ids: list[str] | None = None) -> list[RequestOutput]:
+        """End these live requests (every one with None) with finish_reason "abort"; their last outputs.
+        An id also names the requests the router made of it (its n samples, its prompts: `id-...`)."""
+        wanted, parts = set(request_ids or ()), tuple(f"{w}-" for w in request_ids or ())
+        ids = [r for r in self.states if request_ids is None or r in wanted or r.startswith(parts)]
+        return [out for rid in ids if (out := self.abort(rid)) is not None]
+
+    def sleep(self, level: int) -> None:
+        """Level 1 frees the KV cache's memory (and forgets the prefix cache); level 2 the weights too.
+        Only while no request is live."""
+        from runtime.lm_service.loading import drop_weights
+
+        self.scheduler.reset_prefix_cache()
+        self.cache.release()
+        if level >= 2 and self.sleep_level < 2:
+            drop_weights(self.runner.lm, self.expert_group)
+        self.sleep_level = max(self.sleep_level, level)
+
+    def wake(self) -> None:
+        """Re-create what sleep freed; weights dropped at level 2 are read again from their checkpoint."""
+        if self.sleep_level >= 2:
+            self._install(self.weights_path)
+        self.cache.allocate()
+        self.sleep_level = 0
+
+    def load_weights(self, path: str, version: int) -> None:
+        """Serve the weights of checkpoint `path` (same shape) from now on, as `version`; raises
+        CheckpointError (nothing changed) if any tensor is missing, of another shape or kind."""
+        self._install(path)
+        self.weights_path, self.weights_version = path, version
+        self.scheduler.reset_prefix_cache()  # cached KV was computed by the old weights
+
+    def _install(self, path: str) -> None:
+        from runtime.lm_service.loading import reload_language_model
+
+        self.runner.lm = reload_language_model(path, self.model_config, self.config, self.expert_group)
+        self.sleep_level = min(self.sleep_level, 1)
+
     # --- the step ----------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
+        outputs = self._step()
+        for out in outputs:
+            out.weights_version = self.weights_version
+        return outputs
+
+    def _step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
         started = time.perf_counter()
         plan = self.scheduler.schedule()
@@ -365,6 +418,8 @@ class Engine:
             ep_size=self.config.ep_size,
             ep_expert_bytes=self.expert_group.expert_bytes() if self.expert_group is not None else [],
             ep_rank_pids=list(self.expert_group.rank_pids) if self.expert_group is not None else [],
+            sleep_level=self.sleep_level,
+            weights_version=self.weights_version,
         )
 
     def close(self) -> None:

@@ -13,6 +13,7 @@ set (the replica's health check fails and the request router skips it), and no n
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import multiprocessing as mp
@@ -24,14 +25,19 @@ import msgspec
 import torch
 import zmq
 
+from runtime.lm_service.admin import reply_on
 from runtime.lm_service.async_engine import OutputStreams
 from runtime.lm_service.engine import EngineConfig, EngineHooks, EngineStats
 from runtime.lm_service.engine_core import CoreSpec, run_engine_core
 from runtime.lm_service.engine_loop import EngineDeadError, error_output
 from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import (
+    AdminOp,
+    AdminResult,
     CoreAbort,
     CoreAdd,
+    CoreAdmin,
+    CoreAdminDone,
     CoreCommand,
     CoreDead,
     CoreEvent,
@@ -54,7 +60,9 @@ _event_decoder = msgspec.msgpack.Decoder(CoreEvent)
 
 class EngineClient:
     def __init__(self, model_dir: str, config: EngineConfig, hooks: EngineHooks, inbox_host: str,
-                 start_timeout_s: float = 600.0, liveness_period_s: float = 0.5):
+                 start_timeout_s: float = 600.0, liveness_period_s: float = 0.5,
+                 weights: tuple[str, int] | None = None):
+        """weights: (checkpoint, version) to serve instead of model_dir's own (after a weight update)."""
         if config.ep_size > 1:  # EP ranks are Ray actors the replica places; the core is no Ray process
             raise ValueError(f"an engine-core process runs ep_size 1, not {config.ep_size}")
         self.config, self.hooks = config, hooks
@@ -64,13 +72,14 @@ class EngineClient:
         self.streams = OutputStreams(self.abort)
         self._live: set[str] = set()  # admitted and not yet released
         self._missing_replies: dict[int, Callable[[list[int]], None]] = {}
+        self._admin_replies: dict[int, Callable[[AdminResult], None]] = {}
         self._tokens = itertools.count()
         self._send_lock = threading.Lock()
         self._closed = False
         self._context = zmq.Context()
         self._commands = self._bind(zmq.PUSH)
         self._events = self._bind(zmq.PULL)
-        spec = CoreSpec(model_dir, config, _address(self._commands), _address(self._events), inbox_host)
+        spec = CoreSpec(model_dir, config, _address(self._commands), _address(self._events), inbox_host, weights)
         self.process = mp.get_context("spawn").Process(target=run_engine_core, args=(spec,), daemon=True,
                                                        name="engine-core")
         self.process.start()
@@ -129,6 +138,15 @@ class EngineClient:
         self._missing_replies[token] = reply
         self._send(CoreWhenMissing(request_id, list(indexes), token))
 
+    async def admin(self, op: AdminOp) -> AdminResult:
+        """Run an admin operation in the core (runtime.lm_service.admin); its result when it ended."""
+        self.check_alive()
+        future, reply = reply_on(asyncio.get_running_loop())
+        token = next(self._tokens)
+        self._admin_replies[token] = reply
+        self._send(CoreAdmin(token, op))
+        return await future
+
     def stats(self) -> EngineStats:
         if self._stats is None:  # before the first snapshot arrived
             return EngineStats(0, 0, 0, 0, 0, 0, 0, 0, 0.0, 0.0, 0.0, 0, 0, 0, self.config.ep_size)
@@ -183,6 +201,10 @@ class EngineClient:
             reply = self._missing_replies.pop(event.token, None)
             if reply is not None:
                 reply(event.image_indexes)
+        elif isinstance(event, CoreAdminDone):
+            admin_reply = self._admin_replies.pop(event.token, None)
+            if admin_reply is not None:
+                admin_reply(event.result)
         elif isinstance(event, CoreStats):
             self._stats = EngineStats(**event.engine)  # type: ignore[arg-type]
             self.malformed_messages = event.malformed_messages

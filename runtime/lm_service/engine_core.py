@@ -22,6 +22,7 @@ import msgspec
 import torch
 import zmq
 
+from runtime.lm_service.admin import EngineAdmin
 from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks, EngineStats
 from runtime.lm_service.engine_loop import EngineLoop
 from runtime.lm_service.request_state import EngineRequest
@@ -29,6 +30,8 @@ from runtime.lm_service.vision_client import encode_failure
 from runtime.protocol import (
     CoreAbort,
     CoreAdd,
+    CoreAdmin,
+    CoreAdminDone,
     CoreCommand,
     CoreDead,
     CoreEvent,
@@ -60,6 +63,7 @@ class CoreSpec:
     commands: str
     events: str
     inbox_host: str
+    weights: tuple[str, int] | None = None  # (checkpoint, version) replacing model_dir's weights
 
 
 class _Events:
@@ -87,6 +91,8 @@ def run_engine_core(spec: CoreSpec) -> None:
             released=lambda rid: events.send(CoreReleased(rid)),
         )
         engine = Engine.from_model_dir(spec.model_dir, spec.config, hooks)
+        if spec.weights is not None:
+            engine.load_weights(*spec.weights)
     except BaseException as e:
         events.send(CoreDead(f"the engine failed to load: {type(e).__name__}: {e}"))
         raise
@@ -188,7 +194,9 @@ def _read(context: zmq.Context, address: str, inbox: EmbeddingInbox, loop: Engin
     poller = zmq.Poller()
     poller.register(commands, zmq.POLLIN)
     poller.register(inbox.socket, zmq.POLLIN)
+    admin = EngineAdmin(loop)
     handlers: dict[type, Any] = {
+        CoreAdmin: lambda m: admin.run(m.op, lambda result: events.send(CoreAdminDone(m.token, result))),
         CoreAdd: lambda m: _admit(loop, early, m),
         CoreAbort: lambda m: loop.abort(m.request_id),
         CoreFail: lambda m: loop.fail(m.request_id, m.message, m.error_type),

@@ -43,6 +43,7 @@ class EngineLoop:
         self.closed = False
         self._lock = threading.Lock()  # held while stepping; only close() waits for it
         self._commands: deque[Callable[[], object]] = deque()
+        self._when_idle: list[Callable[[], object]] = []  # run once no request is live (admin drains)
         self._wake = threading.Event()
         self._stats, self._stats_at = engine.stats(), time.monotonic()
         self._thread: threading.Thread | None = None
@@ -70,6 +71,10 @@ class EngineLoop:
         lacks, once every command queued before this one is applied ([] if the request ended)."""
         self.command(lambda: reply(sorted(set(indexes) & set(self.engine.missing_embeddings(request_id)))))
 
+    def when_idle(self, action: Callable[[], object]) -> None:
+        """On the loop's thread only (inside a command): run `action` there once no request is live."""
+        self._when_idle.append(action)
+
     def stats(self) -> EngineStats:
         """As of the last refresh (at most stats_period_s old while the loop steps)."""
         return self._stats
@@ -94,6 +99,10 @@ class EngineLoop:
                 self._refresh_stats()
             if outputs:
                 self.deliver(outputs)
+            if self._when_idle:  # after the last outputs went out
+                with self._lock:
+                    if self._idle_actions():
+                        self._refresh_stats(force=True)
             if self.error is not None:
                 return
             if not ran and not self._commands:  # nothing schedulable (idle, or waiting for embeddings)
@@ -114,6 +123,10 @@ class EngineLoop:
             raise EngineDeadError(f"the engine stopped: {self.error or 'closed'}")
 
     def _admit(self, request: EngineRequest, embeddings: Sequence[tuple[int, torch.Tensor]]) -> None:
+        if self.engine.sleep_level:  # the replica's door refuses first; this covers direct callers
+            self.deliver([error_output(request.request_id, "the engine is asleep", "unavailable")])
+            self.engine.hooks.released(request.request_id)
+            return
         try:
             self.engine.add_request(request)
         except RequestError as e:  # it can never run: the first output says why, and nothing is held
@@ -127,9 +140,18 @@ class EngineLoop:
         while self._commands:
             self._commands.popleft()()
 
-    def _refresh_stats(self) -> None:
+    def _idle_actions(self) -> list[Callable[[], object]]:
+        """Run what waits for an idle engine, if it is idle now (outputs not yet delivered count as live)."""
+        if not self._when_idle or self.engine.has_unfinished():
+            return []
+        actions, self._when_idle = self._when_idle, []
+        for action in actions:
+            action()
+        return actions
+
+    def _refresh_stats(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._stats_at >= self.stats_period_s:
+        if force or now - self._stats_at >= self.stats_period_s:
             self._stats, self._stats_at = self.engine.stats(), now
             if self.on_stats is not None:
                 self.on_stats(self._stats)

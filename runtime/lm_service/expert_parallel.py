@@ -24,10 +24,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from runtime.errors import CheckpointError
 from runtime.models.deepseek_v3 import DeepseekV3LM, MoE
 from runtime.models.experts import ExpertBank
 
-STOP, FORWARD = 0, 1
+STOP, FORWARD, LOAD, DROP = 0, 1, 2, 3  # the first header field of each round
+_TEXT_WIDTH = 512  # bytes of an error message gathered from each rank
 
 
 def expert_range(n_experts: int, size: int, rank: int) -> tuple[int, int]:
@@ -94,6 +96,15 @@ class _Collectives:
         self.pg.reduce(t, 0).wait()
         return t
 
+    def allgather_text(self, text: str, size: int) -> list[str]:
+        """Each rank's short text (its first _TEXT_WIDTH bytes), rank 0 first."""
+        data = torch.zeros(_TEXT_WIDTH, dtype=torch.long)
+        raw = text.encode()[:_TEXT_WIDTH]
+        data[: len(raw)] = torch.tensor(list(raw), dtype=torch.long)
+        out = [torch.zeros(_TEXT_WIDTH, dtype=torch.long, device=self.comm_device) for _ in range(size)]
+        self.pg.allgather([out], [data.to(self.comm_device)]).wait()
+        return [bytes(v for v in t.tolist() if v).decode(errors="replace") for t in out]
+
     def allgather_ints(self, value: int, size: int) -> list[int]:
         out = [torch.zeros(1, dtype=torch.long, device=self.comm_device) for _ in range(size)]
         self.pg.allgather([out], [torch.tensor([value], device=self.comm_device)]).wait()
@@ -147,6 +158,36 @@ class ExpertGroup:
         partial = experts(x, ids, weights).float()
         return self.comm.reduce_to_rank0(partial).to(x.device, x.dtype)
 
+    def reload(self, model_dir: str, load_local: Callable[[tuple[int, int]], DeepseekV3LM],
+               n_experts: int) -> DeepseekV3LM:
+        """New weights from `model_dir` on every rank, swapped in two phases: each rank reads and checks
+        its part (rank 0 all but the other ranks' experts) next to its old one; only if every rank
+        succeeded do all swap, else all keep the old weights and the error names the rank."""
+        size = len(self.workers) + 1
+        path = torch.tensor(list(model_dir.encode()), dtype=torch.long)
+        self.comm.broadcast(torch.tensor([LOAD, len(path)], dtype=torch.long))
+        self.comm.broadcast(path)
+        lm: DeepseekV3LM | None = None
+        failure: BaseException | None = None
+        try:
+            lm = load_local(expert_range(n_experts, size, 0))
+        except Exception as e:  # the other ranks still wait for this round's verdict
+            failure = e
+        errors = self.comm.allgather_text("" if failure is None else f"{type(failure).__name__}: {failure}", size)
+        commit = all(not e for e in errors)
+        self.comm.broadcast(torch.tensor([int(commit), 0], dtype=torch.long))
+        if failure is not None:
+            raise failure
+        if not commit or lm is None:
+            rank = next(r for r, e in enumerate(errors) if e)
+            raise CheckpointError(f"expert-parallel rank {rank} could not load its experts: {errors[rank]}")
+        attach(lm, self)
+        return lm
+
+    def drop(self) -> None:
+        """Every worker rank frees its experts (the engine sleeps at level 2; reload brings them back)."""
+        self.comm.broadcast(torch.tensor([DROP, 0], dtype=torch.long))
+
     def expert_bytes(self) -> list[int]:
         """Resident routed-expert bytes of each rank, rank 0 first."""
         return list(self.rank_expert_bytes)
@@ -188,18 +229,44 @@ def run_worker_rank(spec: RankSpec) -> None:
     layers = list(load_routed_experts(spec.model_dir, cfg, owned, DTYPES[spec.dtype], device).values())
     comm.allgather_ints(_bytes(layers), spec.size)
     comm.allgather_ints(os.getpid(), spec.size)
-    _serve(comm, layers, cfg.text.hidden_size, cfg.text.num_experts_per_tok, DTYPES[spec.dtype], device)
+
+    def reload(path: str) -> list[ExpertBank]:
+        return list(load_routed_experts(path, cfg, owned, DTYPES[spec.dtype], device).values())
+
+    _serve(comm, layers, cfg.text.hidden_size, cfg.text.num_experts_per_tok, DTYPES[spec.dtype], device, reload,
+           spec.size)
 
 
 @torch.inference_mode()
 def _serve(comm: _Collectives, layers: list[ExpertBank], hidden: int, k: int, dtype: torch.dtype,
-           device: str) -> None:
+           device: str, reload: Callable[[str], list[ExpertBank]], size: int) -> None:
     while True:
         header = comm.broadcast(torch.zeros(2, dtype=torch.long))
         op, num_tokens = (int(v) for v in header.tolist())
         if op == STOP:
             return
+        if op == LOAD:
+            layers = _reload(comm, layers, num_tokens, reload, size)
+            continue
+        if op == DROP:
+            layers = [experts.to("meta") for experts in layers]
+            continue
         for experts in layers:
             payload = comm.broadcast(torch.empty(num_tokens, hidden + 2 * k))
             x, ids, weights = _unpack(payload.to(device), hidden, k)
             comm.reduce_to_rank0(experts(x.to(dtype), ids, weights).float())
+
+
+def _reload(comm: _Collectives, layers: list[ExpertBank], path_len: int, reload: Callable[[str], list[ExpertBank]],
+            size: int) -> list[ExpertBank]:
+    """A worker's side of ExpertGroup.reload: read its experts, report, swap only on rank 0's verdict."""
+    path = bytes(comm.broadcast(torch.zeros(path_len, dtype=torch.long)).tolist()).decode()
+    new: list[ExpertBank] | None = None
+    error = ""
+    try:
+        new = reload(path)
+    except Exception as e:
+        error = f"{type(e).__name__}: {e}"
+    comm.allgather_text(error, size)
+    commit = int(comm.broadcast(torch.zeros(2, dtype=torch.long))[0])
+    return new if commit and new is not None else layers

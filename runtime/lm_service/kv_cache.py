@@ -23,10 +23,29 @@ class PagedLatentCache:
                  device: torch.device | str = "cpu", fp8: bool = False):
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device, self.fp8 = dtype, torch.device(device), fp8
+        self.data = self._zeros()
+        self._bytes_per_token = self.data.numel() * self.data.element_size() // (num_blocks * block_size)
+
+    def _zeros(self) -> torch.Tensor:
         # fp8 is kept as raw bytes: index_copy_/indexing are not implemented for float8 on every device.
-        storage = torch.uint8 if fp8 else dtype
-        self.data = torch.zeros(cfg.num_hidden_layers, num_blocks * block_size, cfg.latent_dim,
-                                dtype=storage, device=device)
+        storage = torch.uint8 if self.fp8 else self.dtype
+        return torch.zeros(self.cfg.num_hidden_layers, self.num_blocks * self.block_size, self.cfg.latent_dim,
+                           dtype=storage, device=self.device)
+
+    @property
+    def allocated(self) -> bool:
+        return self.data.numel() > 0
+
+    def release(self) -> None:
+        """Give the storage back (the engine sleeps): no block may be in use, and none is cached after."""
+        self.data = torch.empty(0, dtype=self.data.dtype, device=self.device)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()  # back to the device, for whoever shares it (a colocated trainer)
+
+    def allocate(self) -> None:
+        """Re-create the storage after release (the engine wakes)."""
+        if not self.allocated:
+            self.data = self._zeros()
 
     @staticmethod
     def bytes_per_token_limit(cfg: TextConfig, dtype: torch.dtype) -> int:
@@ -35,8 +54,8 @@ class PagedLatentCache:
 
     @property
     def bytes_per_token(self) -> int:
-        """Measured from the allocation itself."""
-        return self.data.numel() * self.data.element_size() // (self.num_blocks * self.block_size)
+        """Measured from the allocation itself (when it was made: a released cache holds none)."""
+        return self._bytes_per_token
 
     def store(self, layer: int, slots: torch.Tensor, latent: torch.Tensor) -> None:
         if self.fp8:

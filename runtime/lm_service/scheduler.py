@@ -113,6 +113,13 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached block (the KV memory was dropped, or the weights changed). Only
+        with no request live: a fresh pool, every block free and unregistered."""
+        if self.running or self.waiting or self.pool.num_used:
+            raise RuntimeError("the prefix cache can be reset only while no request holds KV blocks")
+        self.pool = BlockPool(self.config.num_blocks)
+
     def remove(self, seq: Sequence) -> None:
         """The request ended (finished, aborted, failed): forget it and free its blocks."""
         if seq in self.running:

@@ -43,12 +43,14 @@ ENGINE_ERRORS = {
     "invalid_request": (400, "invalid_request_error"),
     "timeout": (504, "timeout_error"),
     "internal": (500, "server_error"),
+    "unavailable": (503, "service_unavailable"),  # the LM replica sleeps (runtime.lm_service.admin)
 }
 
 
 def engine_error(out: RequestOutput) -> ApiError:
     status, kind = ENGINE_ERRORS.get(out.error_type or "internal", (500, "server_error"))
-    return ApiError(status, out.error or "the request failed", kind)
+    return ApiError(status, out.error or "the request failed", kind,
+                    headers={"Retry-After": "5"} if status == 503 else {})
 
 
 # --- reasoning -----------------------------------------------------------------------------------

@@ -54,7 +54,30 @@ def rank(key: str | None, loads: dict[str, float], slack: float) -> list[list[st
     return [[favourite], rest] if rest else [[favourite]]
 
 
+def _target(pending: PendingRequest) -> str | None:
+    """The replica an admin call (runtime.protocol.AdminCall) is meant for; None for any other call."""
+    target = getattr(pending.args[0], "replica", None) if pending.args else None
+    return target if isinstance(target, str) else None
+
+
 class AffinityRouter(FIFOMixin, RequestRouter):
+    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata: Any = None) -> None:
+        """FIFOMixin's order (the oldest waiting request takes the replica found), except that an
+        admin call goes to the replica it names and no other: it is passed over for any other
+        replica. (Serve's exact matching cannot be used instead: sibling calls of one HTTP request,
+        its n choices, share an internal request id.)"""
+        mine = replica.replica_id.unique_id
+        for pending in list(self._pending_requests_to_fulfill):
+            if pending.future.done():
+                self._pending_requests_to_fulfill.remove(pending)
+            elif _target(pending) in (None, mine):
+                self._pending_requests_to_fulfill.remove(pending)
+                self._cancel_routing_task_for_pending_request(pending)
+                self._record_queue_wait_time(pending)
+                pending.future.set_result(replica)
+                self._remove_pending_request_from_indices(pending)
+                return
+
     def initialize_state(self, slack: float = 4.0, **kwargs: Any) -> None:
         self.slack = slack
 
@@ -72,5 +95,8 @@ class AffinityRouter(FIFOMixin, RequestRouter):
         healthy = [r for r in candidate_replicas if (r.routing_stats or {}).get("healthy", True)]
         by_id = {r.replica_id.unique_id: r for r in healthy or candidate_replicas}
         request = pending_request.args[0] if pending_request is not None and pending_request.args else None
+        target = getattr(request, "replica", None)
+        if isinstance(target, str):  # an admin call: that replica, whatever its load or health
+            return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
         ranked = rank(affinity_key(request), {rid: self._load(r) for rid, r in by_id.items()}, self.slack)
         return [[by_id[rid] for rid in group] for group in ranked if group]

@@ -30,6 +30,7 @@ from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
 from runtime.requests import check_fields, parse_chat_request, parse_count, parse_prompts, parse_sampling
+from runtime.router import admin, generate_api
 from runtime.router import openai_api as api
 from runtime.router.assistant import AssistantStream, ToolUse
 from runtime.router.fetch import ImageFetcher
@@ -120,6 +121,9 @@ class Router:
         self.telemetry = RouterMetrics()
         self.board = board(serve.get_replica_context().app_name)
         self._in_flight = 0
+        self.weights_version = 0  # the newest LM weights version seen (runtime.router.admin)
+        self.admin = admin.AdminFanOut(lm, self.board, self.config.admin.timeout_s, model_dir)
+        self._pool_state: tuple[float, dict[str, Any]] = (0.0, {})  # (when read, the board's admin state)
 
     # --- endpoints -----------------------------------------------------------------------------
 
@@ -242,11 +246,17 @@ class Router:
             return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
         except api.ApiError as e:
             return self._error(e)
+        if self.config.admin.enabled and (await self._pool_state_now()).get("sleep_level"):
+            return self._error(api.ApiError(503, "the LM pool is asleep (POST /admin/wake brings it back)",
+                                            "service_unavailable", headers={"Retry-After": "5"}))
         if self._in_flight >= self.config.limits.max_queued_requests:
             return self._error(api.ApiError(429, "too many requests in flight; retry shortly", "rate_limit_error",
                                             headers={"Retry-After": "1"}))
+        if "generate" in plan.options:  # SGLang's /generate answers in its own shapes
+            return await self._generate_answer(plan, plan.options["generate"], timer)
         if plan.options["stream"]:
-            return StreamingResponse(self._sse(plan, chat, timer), media_type="text/event-stream")
+            return StreamingResponse(self._sse(plan, chat, timer), media_type="text/event-stream",
+                                     headers=self._version_header())
         return await self._whole(plan, chat, timer)
 
     def _auth(self, request: Request) -> Response | None:
@@ -328,14 +338,153 @@ class Router:
             echoes += [api.Echo(text, ids) if echo else None] * n
         return _Plan(rid, gens, n, self._options(body, sampling), echoes)
 
-    def _completion_ids(self, prompt: str | list[int]) -> list[int]:
+    def _completion_ids(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
         ids = list(self.prep.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
         if isinstance(prompt, list) and self.prep.model_config.image_token_id in ids:
-            raise RequestError("prompt token ids must not contain the image placeholder id", "prompt")
+            raise RequestError(f"{field} token ids must not contain the image placeholder id", field)
         limit = self.prep.model_config.text.max_position_embeddings
         if len(ids) >= limit:
-            raise RequestError(f"prompt is {len(ids)} tokens; the model's context is {limit} tokens", "prompt")
+            raise RequestError(f"{field} is {len(ids)} tokens; the model's context is {limit} tokens", field)
         return ids
+
+    # --- SGLang's /generate (runtime.router.generate_api) ----------------------------------------
+
+    @http.post("/generate")
+    async def generate(self, request: Request) -> Response:
+        return await self._serve(request, self._prepare_generate, chat=False)
+
+    async def _prepare_generate(self, body: dict[str, Any]) -> _Plan:
+        gen = generate_api.parse_generate(body, self.prep.defaults.sampling, self.limits,
+                                          self.prep.model_config.text.vocab_size)
+        rid = gen.rid or uuid.uuid4().hex
+        ids = generate_api.sample_ids(rid, len(gen.prompts), gen.n)
+        gens: list[GenerateRequest] = []
+        for i, prompt in enumerate(gen.prompts):
+            first = GenerateRequest(ids[i * gen.n], self._completion_ids(prompt, gen.field),
+                                    gen.sampling)
+            gens += [msgspec.structs.replace(g, request_id=ids[i * gen.n + j])
+                     for j, g in enumerate(_fan_out(first, gen.n))]
+        return _Plan(rid, gens, gen.n, {"stream": gen.stream, "generate": gen}, [None] * len(gens))
+
+    async def _generate_answer(self, plan: _Plan, gen: generate_api.GenerateBody, timer: RequestTimer) -> Response:
+        if gen.stream:
+            return StreamingResponse(self._generate_sse(plan, gen, timer), media_type="text/event-stream",
+                                     headers=self._version_header())
+        dones = [api.Completion() for _ in plan.gens]
+        try:
+            async for index, out in self._merged(plan):
+                timer.tokens(len(out.token_ids))
+                dones[index].add(out)
+        except TimeoutError:
+            return self._error(api.ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s",
+                                            "timeout_error"))
+        except Exception as e:
+            log.exception("request %s failed", plan.request_id)
+            return self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
+        for done in dones:
+            assert done.last is not None
+            if done.last.finish_reason == "error":
+                return self._error(api.engine_error(done.last))
+        timer.finish()
+        self.telemetry.count(200)
+        answers = [generate_api.answer(g.request_id, d.text, d.token_ids, d.logprobs, d.last, gen,
+                                       d.last.weights_version) for g, d in zip(plan.gens, dones, strict=True)
+                   if d.last is not None]
+        one = len(answers) == 1 and not gen.batched
+        return JSONResponse(answers[0] if one else answers, headers=self._version_header(dones))
+
+    async def _generate_sse(self, plan: _Plan, gen: generate_api.GenerateBody,
+                            timer: RequestTimer) -> AsyncIterator[bytes]:
+        """Each event: one sample's whole answer so far (SGLang's default), with its index when several."""
+        dones = [api.Completion() for _ in plan.gens]
+        many = len(plan.gens) > 1 or gen.batched
+        failed = False
+        try:
+            async for index, out in self._merged(plan):
+                timer.tokens(len(out.token_ids))
+                if out.finish_reason == "error":
+                    failed = True
+                    yield api.sse(api.engine_error(out).body())
+                    break
+                done = dones[index]
+                done.add(out)
+                event = generate_api.answer(plan.gens[index].request_id, done.text, done.token_ids, done.logprobs,
+                                            out, gen, out.weights_version)
+                yield api.sse(event | {"index": index} if many else event)
+        except TimeoutError:
+            failed = True
+            yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
+                                         "timeout_error", code=504))
+        except Exception as e:
+            failed = True
+            yield api.sse(api.error_body(f"{type(e).__name__}: {e}", "server_error", code=500))
+        if not failed:
+            timer.finish()
+        self.telemetry.count(500 if failed else 200)
+        yield api.sse("[DONE]")
+
+    def _version_header(self, dones: list[api.Completion] | None = None) -> dict[str, str]:
+        """x-weights-version: the version that answered (a stream's headers go before its first
+        output: there, the newest version this router has seen)."""
+        versions = [d.last.weights_version for d in dones or [] if d.last is not None]
+        self.weights_version = max([self.weights_version, *versions])
+        return {"x-weights-version": str(max(versions) if versions else self.weights_version)}
+
+    # --- admin (runtime.router.admin) ----------------------------------------------------------
+
+    @http.post("/admin/abort")
+    async def admin_abort(self, request: Request) -> Response:
+        return await self._admin(request, lambda body: self.admin.run(admin.parse_abort(body)))
+
+    @http.post("/admin/sleep")
+    async def admin_sleep(self, request: Request) -> Response:
+        return await self._admin(request, lambda body: self.admin.run(admin.parse_sleep(body)), sleeping=True)
+
+    @http.post("/admin/wake")
+    async def admin_wake(self, request: Request) -> Response:
+        return await self._admin(request, lambda body: self.admin.run(admin.parse_wake(body)), sleeping=False)
+
+    @http.post("/admin/update_weights")
+    async def admin_update_weights(self, request: Request) -> Response:
+        return await self._admin(request, self.admin.update_weights)
+
+    async def _admin(self, request: Request, run: Any, sleeping: bool | None = None) -> Response:
+        """Off (404) unless admin.enabled; 403 without the API key; then every LM replica runs it."""
+        if not self.config.admin.enabled:
+            return self._error(api.ApiError(404, "the admin endpoints are off (admin.enabled: true in the app "
+                                                 "config turns them on)", "not_found_error"))
+        if request.headers.get("authorization", "") != f"Bearer {self.config.api_key}":
+            return self._error(api.ApiError(403, "the admin endpoints need the API key (Authorization: Bearer ...)",
+                                            "permission_error"))
+        try:
+            body = await self._json_body(request) if int(request.headers.get("content-length") or 0) else {}
+            outcome: admin.Outcome = await run(body)
+        except RequestError as e:
+            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
+        except api.ApiError as e:
+            return self._error(e)
+        if not outcome.results:
+            return self._error(api.ApiError(503, "no LM replica is running", "service_unavailable"))
+        if not outcome.ok:
+            log.warning("admin %s failed: %s", request.url.path, outcome.first_error())
+            error = api.ApiError(outcome.status(), outcome.first_error(),
+                                 "invalid_request_error" if outcome.status() == 400 else "server_error")
+            return JSONResponse(error.body() | outcome.body(), error.status)
+        if sleeping is not None:
+            level = max(r.sleep_level for r in outcome.results) if sleeping else 0
+            await self.board.set_admin_state.remote({"sleep_level": level})
+        self._pool_state = (0.0, {})
+        self.weights_version = max([self.weights_version, *(r.weights_version for r in outcome.results)])
+        return JSONResponse(outcome.body() | {"weights_version": self.weights_version},
+                            headers={"x-weights-version": str(self.weights_version)})
+
+    async def _pool_state_now(self, max_age_s: float = 0.5) -> dict[str, Any]:
+        """The board's admin state, read at most every max_age_s (every router sees another's sleep)."""
+        at, state = self._pool_state
+        if time.monotonic() - at > max_age_s:
+            state = await self.board.admin_state.remote()
+            self._pool_state = (time.monotonic(), state)
+        return state
 
     # --- running -------------------------------------------------------------------------------
 
@@ -442,7 +591,7 @@ class Router:
         prompt_ids = plan.gens[0].prompt_ids if opts["return_token_ids"] and one_prompt else None
         body = api.response(plan.request_id, self.model, "chat.completion" if chat else "text_completion", choices,
                             dones, plan.n, prompt_ids)
-        return JSONResponse(body)
+        return JSONResponse(body, headers=self._version_header(dones))
 
     async def _sse(self, plan: _Plan, chat: bool, timer: RequestTimer) -> AsyncIterator[bytes]:
         rid, created, opts = plan.request_id, int(time.time()), plan.options

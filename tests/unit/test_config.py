@@ -80,3 +80,10 @@ def test_checkpoint_code_needs_trust_remote_code(checkpoints) -> None:
     config = AppConfig.model_validate({"model": path, "trust_remote_code": True})
     assert EngineConfig(**config.engine_config()).trust_remote_code
     assert not EngineConfig(**AppConfig().engine_config()).trust_remote_code
+
+
+def test_admin_is_off_by_default_and_needs_the_api_key() -> None:
+    assert AppConfig().admin.enabled is False
+    with pytest.raises(ValidationError, match="admin.enabled needs api_key"):
+        AppConfig.model_validate({"admin": {"enabled": True}})
+    assert AppConfig.model_validate({"admin": {"enabled": True}, "api_key": "k"}).admin.enabled
