@@ -29,5 +29,5 @@ def build_app(args: dict[str, Any]) -> Application:
     lm = LMService.options(**config.lm_options()).bind(  # type: ignore[attr-defined]
         model_dir, config.engine_config(), vision, config.host, config.vision_client_config(),
         config.rank_resources(), config.engine.separate_process)
-    return Router.bind(  # type: ignore[attr-defined]
+    return Router.options(**config.router_options()).bind(  # type: ignore[attr-defined]
         config.model_dump(), model_dir, lm, vision)
