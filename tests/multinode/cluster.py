@@ -100,6 +100,12 @@ class Node:
                 continue
         return None
 
+    def kill_pid(self, pid: int) -> None:
+        """SIGKILL one process of this node (refused for any other process)."""
+        if pid not in self.pids():
+            raise ValueError(f"process {pid} is not one of node {self.name}'s")
+        os.kill(pid, signal.SIGKILL)
+
     def kill(self) -> list[int]:
         """SIGKILL every process of this node, by PID; returns them."""
         pids = self.pids()
@@ -196,7 +202,8 @@ class TwoHosts:
 
         os.environ["RAY_AUTH_MODE"] = "token"
         Config.initialize("")  # Ray caches the mode when first imported; as its own _enable_token_auth does
-        ray.init(address=self.gcs_address, _node_ip_address=self.head.address, configure_logging=False)
+        ray.init(address=self.gcs_address, _node_ip_address=self.head.address, configure_logging=False,
+                 log_to_driver=False)
 
     def alive_nodes(self) -> int:
         import ray
