@@ -27,9 +27,14 @@ TEST_ARGS: dict[str, Any] = {
 class MultiNodeApp(ServeApp):
     """ServeApp's helpers (deploy, stats, wait_drained) over the two-node cluster."""
 
-    def __init__(self, hosts: TwoHosts, config: dict[str, Any]):
-        self.hosts, self.config = hosts, config
-        self.base_url = launch.base_url(config)
+    def __init__(self, hosts: TwoHosts, model_dir: Path, port: int):
+        self.hosts, self.model_dir, self.port = hosts, model_dir, port
+        self.config = self.configure()
+        self.base_url = launch.base_url(self.config)
+
+    def configure(self, args: dict[str, Any] | None = None, replicas: dict[str, int] | None = None) -> dict[str, Any]:
+        """deploy/multinode.yaml for this cluster, with the test's deadlines and these overrides."""
+        return multinode_config(self.model_dir, self.hosts.head.address, self.port, args, replicas)
 
     def apply(self, config: dict[str, Any], timeout_s: float = 240) -> None:
         self.config = config
@@ -93,6 +98,6 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="package")
 def app(hosts, model_dir):
     two, port = hosts
-    served = MultiNodeApp(two, multinode_config(model_dir, two.head.address, port))
+    served = MultiNodeApp(two, model_dir, port)
     served.apply(served.config)
     return served
