@@ -107,6 +107,10 @@ class AppConfig(_Section):
     device: str = "cpu"
     cache_dir: str = "~/.cache/kimi-runtime"
     host: str | None = Field(None, description="address the ZMQ sockets bind (default: the node's IP)")
+    zmq_proxy: str | None = Field(
+        None, pattern=r"^[^:\s]+:\d+$",
+        description="host:port of a SOCKS5 proxy that every embedding and release push connects through "
+                    "(a firewalled cluster; tests/multinode's slow, lossy wire)")
     api_key: str | None = None
     engine: EngineArgs = EngineArgs()
     vision: VisionArgs = VisionArgs()

@@ -46,7 +46,8 @@ from runtime.vision_service.preprocess import load_processor_config
 class LMService:
     def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
                  host: str | None = None, vision_client: dict[str, Any] | None = None,
-                 rank_resources: dict[str, float] | None = None, engine_process: bool = False):
+                 rank_resources: dict[str, float] | None = None, engine_process: bool = False,
+                 proxy: str | None = None):
         serve_compat.iterate_in_flight_copies()
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
@@ -68,7 +69,7 @@ class LMService:
             self.inbox = EmbeddingInbox(lambda h, t: local.add_embeddings(h.request_id, h.image_index, t),
                                         lambda error: local.fail(error.request_id, *encode_failure(error)), host)
             inbox_address = self.inbox.address
-        self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address), self._fail,
+        self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address, proxy=proxy), self._fail,
                                    self._when_missing, VisionClientConfig(**(vision_client or {})))
         context = serve.get_replica_context()
         self.replica = context.replica_id.unique_id
