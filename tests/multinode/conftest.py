@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,24 @@ class MultiNodeApp(ServeApp):
     def apply(self, config: dict[str, Any], timeout_s: float = 240) -> None:
         self.config = config
         self.deploy(config, timeout_s)
+
+    def vision_client(self) -> dict[str, int]:
+        """The LM replicas' vision-client counters, summed (they only grow)."""
+        counts: dict[str, int] = {}
+        for lm in self.stats()["lm"].values():
+            for key, value in lm["vision_client"].items():
+                counts[key] = counts.get(key, 0) + value
+        return counts
+
+    def vision_client_since(self, before: dict[str, int], releases: int, timeout_s: float = 20) -> dict[str, int]:
+        """The counters' growth since `before`, once at least `releases` more releases were sent
+        (replicas post their stats every 0.25 s, so a snapshot may lag the last request)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            grown = {k: v - before.get(k, 0) for k, v in self.vision_client().items()}
+            if grown["releases_sent"] + grown["releases_dropped"] >= releases or time.monotonic() > deadline:
+                return grown
+            time.sleep(0.25)
 
     def can_reach(self, address: str, from_vision_node: bool) -> bool:
         """Whether a TCP connection to a tcp://host:port address opens from the head's namespace or

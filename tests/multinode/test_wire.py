@@ -23,7 +23,7 @@ LEASE_S = 8  # lost releases: their references go after this
 
 @pytest.fixture
 def relay(app):
-    relay = LossyRelay(app.hosts.head.address, delay_s=0.05, drop_every=12)
+    relay = LossyRelay(app.hosts.head.address, delay_s=0.05, drop_every=20)
     try:
         app.apply(app.configure({"zmq_proxy": relay.address, "vision": {"lease_s": LEASE_S}}))
         yield relay
@@ -33,7 +33,7 @@ def relay(app):
 
 def test_a_slow_lossy_wire_keeps_parity_and_leaks_nothing(app, model_dir, relay) -> None:
     cases = [(f"wire {i}", [png(48 + 8 * (i % 4), 56, seed=7000 + i + k) for k in range(1 + i % 2)])
-             for i in range(12)]
+             for i in range(16)]
     cases += [("wire again", cases[0][1]), ("no image", [])]
 
     def ask(case: tuple[str, list[bytes]]) -> requests.Response:
