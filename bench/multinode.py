@@ -177,7 +177,8 @@ def main() -> int:
     hosts, port = TwoHosts(), free_port()
     hosts.env.update(launch.ray_environment({"http_options": {"host": hosts.head.address, "port": port}}))
     result: dict = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "machine": platform.platform(),
-                    "cpus": os.cpu_count(), "embedding": f"bfloat16 [tokens, {HIDDEN}]"}
+                    "cpus": os.cpu_count(), "embedding": f"bfloat16 [tokens, {HIDDEN}]",
+                    "load_average_before": os.getloadavg()}
     try:
         hosts.make_network()
         result["transfer"] = bench_transfer(hosts, args.quick)
@@ -197,6 +198,7 @@ def main() -> int:
             serve.shutdown()
             ray.shutdown()
         hosts.stop()
+    result["load_average_after"] = os.getloadavg()
     Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result["ttft"], indent=1))
     return 0
