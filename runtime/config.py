@@ -9,7 +9,7 @@ when it is wrong.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -90,6 +90,20 @@ class AdminArgs(_Section):
                                                       "(a drain waits for the requests in flight)")
 
 
+Resources = dict[str, Annotated[float, Field(gt=0)]]
+
+
+class PlacementArgs(_Section):
+    """Custom Ray resources each replica of a pool asks for, so that a pool runs only on the nodes
+    started with them (`ray start --resources '{"vision_host": 1}'`; deploy/multinode.yaml). They
+    are added to the pool's own CPU/GPU options here, because a `ray_actor_options` in the YAML's
+    `deployments:` list would replace those options as a whole."""
+
+    router: Resources = Field(default_factory=dict)
+    lm: Resources = Field(default_factory=dict, description="each LM replica (and each EP rank's bundle)")
+    vision: Resources = Field(default_factory=dict)
+
+
 class AppConfig(_Section):
     model: str = Field(TINY, description="checkpoint directory, or 'tiny' for the embedded default")
     trust_remote_code: bool = Field(False, description="let the checkpoint's own Python code run: a tokenizer "
@@ -100,12 +114,17 @@ class AppConfig(_Section):
     device: str = "cpu"
     cache_dir: str = "~/.cache/kimi-runtime"
     host: str | None = Field(None, description="address the ZMQ sockets bind (default: the node's IP)")
+    zmq_proxy: str | None = Field(
+        None, pattern=r"^[^:\s]+:\d+$",
+        description="host:port of a SOCKS5 proxy that every embedding and release push connects through "
+                    "(a firewalled cluster; tests/multinode's slow, lossy wire)")
     api_key: str | None = None
     engine: EngineArgs = EngineArgs()
     vision: VisionArgs = VisionArgs()
     limits: LimitArgs = LimitArgs()
     image_urls: ImageUrlArgs = ImageUrlArgs()
     admin: AdminArgs = AdminArgs()
+    placement: PlacementArgs = PlacementArgs()
 
     @field_validator("model")
     @classmethod
@@ -185,15 +204,19 @@ class AppConfig(_Section):
         """Serve options of the LM deployment: one placement-group bundle per EP rank, packed on one
         node (bundle 0 is the replica itself)."""
         res = self.rank_resources()
-        options: dict[str, Any] = {"ray_actor_options": {"num_cpus": res["CPU"], "num_gpus": res["GPU"]}}
+        options = _actor_options(res["CPU"], res["GPU"], self.placement.lm)
         if self.engine.ep_size > 1:
-            bundle = {k: v for k, v in res.items() if v > 0} or {"CPU": 0.01}
+            bundle = ({k: v for k, v in res.items() if v > 0} or {"CPU": 0.01}) | self.placement.lm
             options |= {"placement_group_bundles": [bundle] * self.engine.ep_size,
                         "placement_group_strategy": "STRICT_PACK"}
         return options
 
     def vision_options(self) -> dict[str, Any]:
-        return {"ray_actor_options": {"num_cpus": self.vision.cpus, "num_gpus": self.vision.gpus}}
+        return _actor_options(self.vision.cpus, self.vision.gpus, self.placement.vision)
+
+    def router_options(self) -> dict[str, Any]:
+        """The router holds no model: it needs no CPU of its own, only its placement."""
+        return _actor_options(0, 0, self.placement.router)
 
     def vision_config(self) -> dict[str, Any]:
         v = self.vision
@@ -213,3 +236,10 @@ class AppConfig(_Section):
         lim = self.limits
         return RequestLimits(max_images=lim.max_images, max_image_bytes=int(lim.max_image_mb * MiB),
                              max_stop_strings=lim.max_stop_strings, allow_http_images=self.image_urls.allow_http)
+
+
+def _actor_options(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, Any]:
+    options: dict[str, Any] = {"num_cpus": cpus, "num_gpus": gpus}
+    if resources:
+        options["resources"] = dict(resources)
+    return {"ray_actor_options": options}

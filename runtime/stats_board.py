@@ -46,15 +46,18 @@ class StatsBoard:
         return out
 
 
+HEAD_NODE = "node:__internal_head__"  # the resource Ray gives the head node alone
 _remote: Any = ray.remote
 _StatsBoardActor: Any = _remote(num_cpus=0, max_concurrency=64)(StatsBoard)
 
 
 def board(app_name: str) -> Any:
     """The app's board, created by whichever replica asks first. Detached: it outlives any one
-    replica; `serve shutdown` leaves it, and it holds only a few KB."""
+    replica; `serve shutdown` leaves it, and it holds only a few KB. It lives on the head node (as
+    Serve's controller does), not on the node of the replica that asked first: a board on a vision
+    node would go with that node and leave every replica reporting to a dead actor."""
     return _StatsBoardActor.options(name=f"kimi-stats:{app_name}", namespace="kimi-runtime", get_if_exists=True,
-                              lifetime="detached").remote()
+                                    lifetime="detached", resources={HEAD_NODE: 0.001}).remote()
 
 
 def rss_bytes(pid: int | None = None) -> int:

@@ -67,9 +67,11 @@ def _alive_nodes() -> int:
 
 
 class EmbeddingSender:
-    """One PUSH socket per destination address, created on first use and kept."""
+    """One PUSH socket per destination address, created on first use and kept. With `proxy`
+    (host:port of a SOCKS5 proxy) every socket connects through it (libzmq's ZMQ_SOCKS_PROXY)."""
 
-    def __init__(self, sender_id: str, context: zmq.Context | None = None, linger_ms: int = 1000):
+    def __init__(self, sender_id: str, context: zmq.Context | None = None, linger_ms: int = 1000,
+                 proxy: str | None = None):
         self.sender_id = sender_id
         self._context = context or zmq.Context.instance()
         self._sockets: dict[str, zmq.Socket] = {}
@@ -79,12 +81,15 @@ class EmbeddingSender:
         # thread after send returns. close() waits for them, so a process that sends and then exits
         # never frees that memory under a message still being written (the receiver got garbage).
         self._in_flight: deque[zmq.MessageTracker] = deque()
+        self.proxy = proxy
 
     def _socket(self, address: str) -> zmq.Socket:
         sock = self._sockets.get(address)
         if sock is None:
             sock = self._context.socket(zmq.PUSH)
             sock.setsockopt(zmq.LINGER, self.linger_ms)
+            if self.proxy:
+                sock.setsockopt_string(zmq.SOCKS_PROXY, self.proxy)
             sock.connect(address)
             self._sockets[address] = sock
         return sock

@@ -55,7 +55,8 @@ def _current_weights(app_name: str) -> tuple[str, int] | None:
 class LMService:
     def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
                  host: str | None = None, vision_client: dict[str, Any] | None = None,
-                 rank_resources: dict[str, float] | None = None, engine_process: bool = False):
+                 rank_resources: dict[str, float] | None = None, engine_process: bool = False,
+                 proxy: str | None = None):
         serve_compat.apply_in_replica()
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
@@ -82,7 +83,7 @@ class LMService:
             self.inbox = EmbeddingInbox(lambda h, t: local.add_embeddings(h.request_id, h.image_index, t),
                                         lambda error: local.fail(error.request_id, *encode_failure(error)), host)
             inbox_address = self.inbox.address
-        self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address), self._fail,
+        self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address, proxy=proxy), self._fail,
                                    self._when_missing, VisionClientConfig(**(vision_client or {})))
         self.admission = Admission()
         self.replica = context.replica_id.unique_id

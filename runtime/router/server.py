@@ -103,7 +103,7 @@ class _ChoiceStream:
         self.last: RequestOutput | None = None
 
 
-@serve.deployment(name="Router", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1024)
+@serve.deployment(name="Router", max_ongoing_requests=1024)  # CPUs and placement: AppConfig.router_options
 @serve.ingress(http)
 class Router:
     def __init__(self, config: dict[str, Any], model_dir: str, lm: Any, vision: Any):

@@ -25,7 +25,8 @@ from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncod
 
 @serve.deployment(name="VisionService", ray_actor_options={"num_cpus": 1})
 class VisionService:
-    def __init__(self, model_dir: str, config: dict[str, Any] | None = None, host: str | None = None):
+    def __init__(self, model_dir: str, config: dict[str, Any] | None = None, host: str | None = None,
+                 proxy: str | None = None):
         import torch
 
         serve_compat.apply_in_replica()
@@ -35,7 +36,7 @@ class VisionService:
         self._loop: asyncio.AbstractEventLoop | None = None
         self.releases = ReleaseInbox(self._release_from_thread, host)
         self.encoder = VisionEncoder(model_dir, self.config, self.releases.address,
-                                     EmbeddingSender(self.releases.address))
+                                     EmbeddingSender(self.releases.address, proxy=proxy))
         context = serve.get_replica_context()
         self.reporter = Reporter("vision", context.replica_id.unique_id, context.app_name, self._report)
 

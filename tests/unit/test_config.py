@@ -27,7 +27,22 @@ def test_ep_size_reserves_one_packed_bundle_per_rank() -> None:
     assert options["ray_actor_options"]["num_cpus"] == 0.5
 
 
+def test_placement_resources_join_each_pools_own_options() -> None:
+    config = AppConfig.model_validate({"engine": {"ep_size": 2, "cpus_per_rank": 0.5}, "vision": {"cpus": 0.25},
+                                       "placement": {"router": {"lm_host": 0.01}, "lm": {"lm_host": 0.01},
+                                                     "vision": {"vision_host": 0.01}}})
+    assert config.router_options() == {"ray_actor_options": {"num_cpus": 0, "num_gpus": 0,
+                                                             "resources": {"lm_host": 0.01}}}
+    lm = config.lm_options()
+    assert lm["ray_actor_options"] == {"num_cpus": 0.5, "num_gpus": 0.0, "resources": {"lm_host": 0.01}}
+    assert lm["placement_group_bundles"] == [{"CPU": 0.5, "lm_host": 0.01}] * 2
+    assert config.vision_options()["ray_actor_options"] == {"num_cpus": 0.25, "num_gpus": 0.0,
+                                                            "resources": {"vision_host": 0.01}}
+    assert "resources" not in AppConfig().vision_options()["ray_actor_options"]
+
+
 @pytest.mark.parametrize("args,where", [
+    ({"placement": {"vision": {"vision_host": 0}}}, "vision_host"),
     ({"model": "/no/such/dir"}, "model"),
     ({"dtype": "float8"}, "dtype"),
     ({"engine": {"ep_size": 0}}, "ep_size"),

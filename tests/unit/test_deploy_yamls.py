@@ -12,7 +12,7 @@ from runtime.router.launch import DEFAULT_CONFIG
 DEPLOYMENTS = {"Router", "LMService", "VisionService"}
 
 
-@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml"])
+@pytest.mark.parametrize("name", ["local.yaml", "cluster.yaml", "multinode.yaml"])
 def test_yaml_is_a_valid_deploy_config(name) -> None:
     raw = yaml.safe_load((DEFAULT_CONFIG.parent / name).read_text())
     schema = ServeDeploySchema.model_validate(raw)
@@ -28,3 +28,12 @@ def test_cluster_example_autoscales_both_pools() -> None:
     raw = yaml.safe_load((DEFAULT_CONFIG.parent / "cluster.yaml").read_text())
     deployments = {d["name"]: d for d in raw["applications"][0]["deployments"]}
     assert all("autoscaling_config" in deployments[n] for n in ("LMService", "VisionService"))
+
+
+def test_multinode_example_places_each_pool_by_its_resource() -> None:
+    raw = yaml.safe_load((DEFAULT_CONFIG.parent / "multinode.yaml").read_text())
+    config = AppConfig.model_validate(raw["applications"][0]["args"])
+    assert config.router_options()["ray_actor_options"]["resources"] == {"lm_host": 0.01}
+    assert config.lm_options()["ray_actor_options"]["resources"] == {"lm_host": 0.01}
+    assert config.vision_options()["ray_actor_options"]["resources"] == {"vision_host": 0.01}
+    assert all("ray_actor_options" not in d for d in raw["applications"][0]["deployments"])

@@ -109,3 +109,30 @@ def test_loopback_is_refused_when_other_nodes_could_not_reach_it(monkeypatch) ->
         node_ip()
     _fake_ray_node(monkeypatch, "127.0.0.1", alive_nodes=1)  # one node: loopback is right
     assert node_ip() == "127.0.0.1"
+
+
+def test_a_sender_with_a_proxy_connects_through_it_and_reconnects_after_a_cut() -> None:
+    from tests.multinode.relay import LossyRelay
+
+    relay = LossyRelay("127.0.0.1", delay_s=0.01)
+    inbox, got = _inbox()
+    sender = EmbeddingSender("vision-0", proxy=relay.address)
+    try:
+        sent = torch.randn(5, 8)
+        sender.send_embeddings(inbox.address, "req-1", 0, "abc", sent)
+        header, received = got.get(timeout=10)
+        assert header.request_id == "req-1" and torch.equal(received, sent)
+        assert relay.stats.connections == 1 and relay.stats.targets == {inbox.address.removeprefix("tcp://")}
+        relay.drop_every = relay.stats.chunks + 1  # the next chunk cuts the connection
+        sender.send_embeddings(inbox.address, "req-2", 0, "abc", sent)  # lost with it
+        deadline = time.monotonic() + 10
+        while relay.stats.connections < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        relay.drop_every = 0
+        sender.send_embeddings(inbox.address, "req-3", 0, "abc", sent)
+        arrived = {got.get(timeout=10)[0].request_id}
+        assert relay.stats.drops == 1 and relay.stats.connections == 2 and "req-3" in arrived
+    finally:
+        sender.close()
+        inbox.close()
+        relay.close()
