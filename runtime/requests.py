@@ -48,7 +48,7 @@ SUPPORTED_FIELDS: dict[str, frozenset[str]] = {
     "detokenize": frozenset({"model", "tokens"}),
     # SGLang's native /generate (runtime.router.generate_api), and its sampling_params object.
     "generate": frozenset({"model", "text", "input_ids", "sampling_params", "return_logprob", "top_logprobs_num",
-                           "logprob_start_len", "stream", "rid"}),
+                           "logprob_start_len", "stream", "rid", "return_routed_experts"}),
     "generate_sampling": frozenset({
         "max_new_tokens", "min_new_tokens", "temperature", "top_p", "top_k", "min_p", "n", "seed", "sampling_seed",
         "stop", "stop_token_ids", "ignore_eos", "skip_special_tokens", "presence_penalty", "frequency_penalty",

@@ -5,10 +5,11 @@ sglang/srt/sampling/sampling_params.py, and the tokenizer manager's `meta_info`)
 written against an SGLang server switches engines by base URL:
 
     {"input_ids": [...] | "text": str (or a list of either), "sampling_params": {...},
-     "return_logprob": bool, "top_logprobs_num": int, "stream": bool, "rid": str}
+     "return_logprob": bool, "top_logprobs_num": int, "return_routed_experts": bool, "stream": bool,
+     "rid": str}
     -> {"text", "output_ids", "meta_info": {"id", "finish_reason": {"type": ...}, "prompt_tokens",
         "completion_tokens", "cached_tokens", "output_token_logprobs": [[logprob, id, null], ...],
-        "weight_version"}}
+        "weight_version", "routed_experts": {"shape": [T, L, K], "dtype": "int16", "data": base64}}}
 
 One prompt with n = 1 answers one object; a list of prompts or n > 1 answers a list (each prompt's
 n samples together), as SGLang does. A stream sends SSE events whose `text` and `output_ids` are the
@@ -73,7 +74,8 @@ def parse_generate(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
                            "logprob_start_len")
     openai_style: dict[str, Any] = {str(_RENAMED.get(k, k)): v for k, v in sp.items() if k != "n"}
     openai_style.setdefault("max_tokens", MAX_NEW_TOKENS)
-    openai_style |= {"logprobs": logprob or top > 0, "top_logprobs": top}
+    openai_style |= {"logprobs": logprob or top > 0, "top_logprobs": top,
+                     "return_routed_experts": _flag(body, "return_routed_experts")}
     try:
         sampling = parse_sampling(openai_style, defaults, limits)
         n = parse_count(sp)
@@ -119,6 +121,8 @@ def answer(rid: str, text: str, output_ids: list[int], logprobs: list[TokenLogpr
     meta: dict[str, Any] = {"id": rid, "finish_reason": finish_reason(last), "prompt_tokens": last.prompt_tokens,
                             "completion_tokens": len(output_ids), "cached_tokens": last.cached_tokens,
                             "weight_version": str(weights_version)}
+    if last.routed_experts is not None:  # on the final answer (routing replay)
+        meta["routed_experts"] = last.routed_experts.to_json()
     if body.return_logprob:
         meta["output_token_logprobs"] = _logprob_triples(logprobs)
         if body.top_logprobs_num:

@@ -81,6 +81,9 @@ def test_generate_speaks_sglang(app) -> None:
     events = sse(post(served, "/generate", greedy(IDS, stream=True), stream=True))
     assert events[-1] == "[DONE]" and events[-2]["output_ids"] == want
     assert events[-2]["meta_info"]["finish_reason"]["type"] == "length"
+    routed = post(served, "/generate", greedy(IDS, return_routed_experts=True)).json()["meta_info"]["routed_experts"]
+    assert routed["dtype"] == "int16" and routed["shape"][0] == len(IDS) + 6 - 1  # every token but the last
+    assert "routed_experts" not in meta
     for payload, field in (({"input_ids": IDS, "bogus": 1}, "bogus"),
                            ({"input_ids": IDS, "sampling_params": {"best_of": 2}}, "sampling_params.best_of"),
                            ({"text": "hi", "input_ids": IDS}, "text")):

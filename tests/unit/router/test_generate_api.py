@@ -63,3 +63,21 @@ def test_answer_has_sglang_meta_info() -> None:
     assert finish_reason(RequestOutput("r", [], "", True, "stop")) == {"type": "stop"}
     assert finish_reason(RequestOutput("r", [], "", True, "abort"))["type"] == "abort"
     assert sample_ids("x", 1, 1) == ["x"] and sample_ids("x", 2, 2) == ["x-0", "x-1", "x-2", "x-3"]
+
+
+def test_routed_experts_are_asked_for_and_answered_in_meta_info() -> None:
+    """Routing replay through /generate: the final answer's meta_info carries the routing matrix."""
+    import base64
+
+    from runtime.protocol import ExpertRouting
+
+    gen = parse({"input_ids": [1, 2], "return_routed_experts": True})
+    assert gen.sampling.return_routed_experts and not parse({"input_ids": [1]}).sampling.return_routed_experts
+    routing = ExpertRouting((2, 1, 2), bytes([1, 0, 2, 0, 3, 0, 4, 0]))
+    last = RequestOutput("r", [9], "b", True, "stop", prompt_tokens=2, completion_tokens=1, routed_experts=routing)
+    meta = answer("r", "b", [9], [], last, gen, 0)["meta_info"]
+    assert meta["routed_experts"]["shape"] == [2, 1, 2]
+    assert base64.b64decode(meta["routed_experts"]["data"]) == routing.data
+    with pytest.raises(RequestError) as info:
+        parse({"input_ids": [1], "return_routed_experts": "yes"})
+    assert info.value.field == "return_routed_experts"
