@@ -33,7 +33,9 @@ def app(tmp_path_factory):
     port = free_port()
     served = ServeApp(port)
     try:
-        served.deploy(deploy_config({"model": str(a), "api_key": KEY, "admin": {"enabled": True}}, port=port))
+        # Two LM replicas: every admin call must reach each of them (runtime.router.admin).
+        served.deploy(deploy_config({"model": str(a), "api_key": KEY, "admin": {"enabled": True}},
+                                    replicas={"LMService": 2}, port=port))
         yield served, a, b, odd
     finally:
         served.close()
@@ -181,7 +183,11 @@ def test_update_weights_serves_b_and_refuses_what_does_not_fit(app, tmp_path) ->
     assert updated.status_code == 200, updated.text
     print(f"update_weights: {time.perf_counter() - started:.3f} s over HTTP, "
           f"{max(r['seconds'] for r in updated.json()['replicas']):.3f} s in the engine")
-    assert updated.json()["weights_version"] == 1
+    assert updated.json()["weights_version"] == 1 and len(updated.json()["replicas"]) == 2
+    deadline = time.monotonic() + 10  # the replicas' stats reach the board every half second or so
+    while (versions := [s["engine"]["weights_version"] for s in served.stats()["lm"].values()]) != [1, 1]:
+        assert time.monotonic() < deadline, f"LM replicas' weights versions: {versions}"  # both must serve B
+        time.sleep(0.2)
     answer = post(served, "/generate", greedy(IDS))
     assert answer.json()["output_ids"] == want_b and answer.headers["x-weights-version"] == "1"
     assert answer.json()["meta_info"]["weight_version"] == "1"
