@@ -10,7 +10,7 @@ import pytest
 import ray
 from ray import serve
 
-from runtime.protocol import GenerateRequest, ImagePayload
+from runtime.protocol import GenerateRequest, ImagePayload, SamplingParams
 from runtime.router.prepare import RequestPreparer
 from tests.integration.workload import chat, mixed, png, reference_inputs
 from tests.reference import reference_greedy, reference_model
@@ -90,7 +90,11 @@ def test_mixed_workload_with_aborts_and_failures_leaves_nothing_referenced(app) 
     expected = {f"w{i}": _collect(lm, prep.prepare(f"solo-{i}", r)) for i, r in enumerate(requests)}
     _drained(lm, vision)
 
-    jobs = [(f"w{i}", prep.prepare(f"w{i}", r), None) for i, r in enumerate(requests)]
+    # Long text-only decodes first: three of them at once outgrow the 40 blocks, so the workload
+    # preempts (and re-encodes the preempted requests' images) however the others interleave.
+    hog = SamplingParams(temperature=0.0, max_tokens=120, ignore_eos=True)
+    jobs = [(f"hog{k}", prep.prepare(f"hog{k}", chat(f"keep going {k}", [], hog)), None) for k in range(5)]
+    jobs += [(f"w{i}", prep.prepare(f"w{i}", r), None) for i, r in enumerate(requests)]
     jobs += [(f"leave{k}", prep.prepare(f"leave{k}", requests[k]), 2) for k in range(1, 4)]
     bad = prep.prepare("bad", requests[-1])  # one image; its header is fine, its pixels are not
     bad_image = ImagePayload(shared[: len(shared) // 2], bad.images[0].placeholders)
@@ -103,6 +107,7 @@ def test_mixed_workload_with_aborts_and_failures_leaves_nothing_referenced(app) 
 
     for key, want in expected.items():
         assert results[key]["tokens"] == want["tokens"], f"{key} differs when run concurrently"
+    assert all(len(results[f"hog{k}"]["tokens"]) == 120 for k in range(5))
     for k in range(1, 4):
         assert results[f"leave{k}"]["tokens"] == expected[f"w{k}"]["tokens"][:len(results[f'leave{k}']['tokens'])]
     assert results["bad"]["reason"] == "error" and results["bad"]["error_type"] == "invalid_request"
