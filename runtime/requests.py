@@ -99,6 +99,16 @@ def _is_id(t: Any) -> bool:
     return isinstance(t, int) and not isinstance(t, bool) and t >= 0
 
 
+def parse_flag(body: dict[str, Any], name: str) -> bool:
+    """A boolean body field; absent or null is false."""
+    value = body.get(name, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise RequestError(f"{name} must be a boolean", name)
+    return value
+
+
 def parse_count(body: dict[str, Any]) -> int:
     """n: how many choices to sample for each prompt."""
     return _int(body.get("n", 1) if body.get("n") is not None else 1, "n", low=1, high=MAX_N)

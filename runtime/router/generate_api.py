@@ -25,6 +25,7 @@ from typing import Any
 from runtime.errors import RequestError
 from runtime.protocol import RequestOutput, SamplingParams, TokenLogprob
 from runtime.requests import RequestLimits, check_fields, parse_count, parse_prompts, parse_sampling
+from runtime.requests import parse_flag as _flag
 
 MAX_NEW_TOKENS = 128  # SGLang's default max_new_tokens
 # SGLang's sampling names -> the OpenAI-style names runtime.requests.parse_sampling reads.
@@ -86,15 +87,6 @@ def parse_generate(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
     if rid is not None and (not isinstance(rid, str) or not rid):
         raise RequestError("rid must be a non-empty string", "rid")
     return GenerateBody(prompts, name, sampling, n, _flag(body, "stream"), rid, batched, logprob or top > 0, top)
-
-
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise RequestError(f"{name} must be a boolean", name)
-    return value
 
 
 # --- answers -----------------------------------------------------------------------------------

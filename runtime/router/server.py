@@ -30,6 +30,7 @@ from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
 from runtime.requests import check_fields, parse_chat_request, parse_count, parse_prompts, parse_sampling
+from runtime.requests import parse_flag as _flag
 from runtime.router import admin, generate_api
 from runtime.router import openai_api as api
 from runtime.router.assistant import AssistantStream, ToolUse
@@ -52,15 +53,6 @@ async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
 
 
 # Module-level helpers go above the deployment class: Serve pickles the class when it is decorated.
-
-
-def _flag(body: dict[str, Any], name: str) -> bool:
-    value = body.get(name, False)
-    if value is None:
-        return False
-    if not isinstance(value, bool):
-        raise RequestError(f"{name} must be a boolean", name)
-    return value
 
 
 class _ReplicaLost(Exception):
@@ -370,23 +362,9 @@ class Router:
         if gen.stream:
             return StreamingResponse(self._generate_sse(plan, gen, timer), media_type="text/event-stream",
                                      headers=self._version_header())
-        dones = [api.Completion() for _ in plan.gens]
-        try:
-            async for index, out in self._merged(plan):
-                timer.tokens(len(out.token_ids))
-                dones[index].add(out)
-        except TimeoutError:
-            return self._error(api.ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s",
-                                            "timeout_error"))
-        except Exception as e:
-            log.exception("request %s failed", plan.request_id)
-            return self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
-        for done in dones:
-            assert done.last is not None
-            if done.last.finish_reason == "error":
-                return self._error(api.engine_error(done.last))
-        timer.finish()
-        self.telemetry.count(200)
+        dones = await self._gather(plan, timer)
+        if isinstance(dones, Response):
+            return dones
         answers = [generate_api.answer(g.request_id, d.text, d.token_ids, d.logprobs, d.last, gen,
                                        d.last.weights_version) for g, d in zip(plan.gens, dones, strict=True)
                    if d.last is not None]
@@ -558,7 +536,8 @@ class Router:
             for task in tasks:
                 task.cancel()  # each cancelled stream aborts its request on the LM replica
 
-    async def _whole(self, plan: _Plan, chat: bool, timer: RequestTimer) -> Response:
+    async def _gather(self, plan: _Plan, timer: RequestTimer) -> list[api.Completion] | Response:
+        """Every choice's whole answer, or the error response that ends the request."""
         dones = [api.Completion() for _ in plan.gens]
         try:
             async for index, out in self._merged(plan):
@@ -577,6 +556,12 @@ class Router:
                 return self._error(api.engine_error(done.last))
         timer.finish()
         self.telemetry.count(200)
+        return dones
+
+    async def _whole(self, plan: _Plan, chat: bool, timer: RequestTimer) -> Response:
+        dones = await self._gather(plan, timer)
+        if isinstance(dones, Response):
+            return dones
         opts, tok = plan.options, self.prep.tokenizer
         if chat:
             choices = [api.chat_choice(i, d, AssistantStream(opts["reasoning"], opts["tools"]), opts["logprobs"],
