@@ -582,13 +582,14 @@ class Router:
         rid, created, opts = plan.request_id, int(time.time()), plan.options
         streams = [_ChoiceStream(AssistantStream(opts["reasoning"], opts["tools"]) if chat else None, echo)
                    for echo in plan.echoes]
-        failed = False
-        if chat:
-            for index in range(len(plan.gens)):
-                yield api.sse(api.chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""},
-                                             token_ids=[] if opts["return_token_ids"] else None, index=index))
+        failed, roles_sent = False, not chat
         try:
             async for index, out in self._merged(plan):
+                if not roles_sent:  # with the first output, as vLLM does: a client's TTFT is the first token's
+                    roles_sent = True
+                    for i in range(len(plan.gens)):
+                        yield api.sse(api.chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""},
+                                                     token_ids=[] if opts["return_token_ids"] else None, index=i))
                 timer.tokens(len(out.token_ids))
                 streams[index].last = out
                 if out.finish_reason == "error":
