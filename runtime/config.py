@@ -33,6 +33,9 @@ class EngineArgs(_Section):
     block_size: int = Field(16, ge=1, le=1024)
     max_num_seqs: int = Field(64, ge=1)
     max_num_batched_tokens: int = Field(1024, ge=16)
+    max_prefill_tokens_while_decoding: int | None = Field(
+        256, ge=1, description="prompt tokens a step may take while it also decodes (null: the whole budget); "
+                               "lower: shorter inter-token gaps when requests arrive, longer TTFT for long prompts")
     prefix_caching: bool = True
     kv_fp8: bool = False
     ep_size: int = Field(1, ge=1, description="expert-parallel ranks per LM replica")
@@ -192,7 +195,9 @@ class AppConfig(_Section):
         e = self.engine
         config = EngineConfig(dtype=self.dtype, device=self.device, block_size=e.block_size,
                               kv_cache_bytes=e.kv_cache_mb * MiB, kv_fp8=e.kv_fp8, max_num_seqs=e.max_num_seqs,
-                              max_num_batched_tokens=e.max_num_batched_tokens, prefix_caching=e.prefix_caching,
+                              max_num_batched_tokens=e.max_num_batched_tokens,
+                              max_prefill_tokens_while_decoding=e.max_prefill_tokens_while_decoding,
+                              prefix_caching=e.prefix_caching,
                               ep_size=e.ep_size, ep_timeout_s=e.ep_timeout_s, threads_per_rank=e.threads_per_rank,
                               stream_interval_s=e.stream_interval_ms / 1e3, trust_remote_code=self.trust_remote_code)
         return config.__dict__.copy()

@@ -42,6 +42,7 @@ class EngineConfig:
     kv_fp8: bool = False
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
+    max_prefill_tokens_while_decoding: int | None = 256  # see SchedulerConfig
     prefix_caching: bool = True
     batch_decodes: bool = True
     ep_size: int = 1
@@ -126,7 +127,8 @@ class Engine:
         self.cache = PagedLatentCache(model_config.text, num_blocks, config.block_size, config.torch_dtype,
                                       config.device, config.kv_fp8)
         self.scheduler = Scheduler(SchedulerConfig(num_blocks, config.block_size, config.max_num_seqs,
-                                                   config.max_num_batched_tokens, config.prefix_caching))
+                                                   config.max_num_batched_tokens, config.prefix_caching,
+                                                   config.max_prefill_tokens_while_decoding))
         before = expert_group.begin_forward if expert_group is not None else None
         self.runner = ModelRunner(lm, model_config, self.cache, before, config.batch_decodes)
         self.states: dict[str, RequestState] = {}

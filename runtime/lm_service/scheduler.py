@@ -25,10 +25,17 @@ class SchedulerConfig:
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 1024
     prefix_caching: bool = True
+    # Prompt tokens a step may take while it also decodes (None: the whole budget). A step's time
+    # grows with its prompt tokens and every running stream waits for it: a cap spreads a burst of
+    # arrivals over several short steps (each admission's TTFT barely moves: the decodes between
+    # them are cheap), instead of one long gap in every stream.
+    max_prefill_tokens_while_decoding: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
             raise ValueError("block_size, max_num_seqs and max_num_batched_tokens must be positive")
+        if self.max_prefill_tokens_while_decoding is not None and self.max_prefill_tokens_while_decoding < 1:
+            raise ValueError("max_prefill_tokens_while_decoding must be positive")
 
 
 @dataclass
@@ -97,6 +104,26 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
+class _Budget:
+    """One step's tokens: `total` for everything, `prefill` for prompt tokens (never more than total)."""
+
+    def __init__(self, total: int, prefill_cap: int | None):
+        self.total = total
+        self.prefill = total if prefill_cap is None else min(total, prefill_cap)
+
+    def grant(self, seq: Sequence) -> int:
+        """How many of seq's uncomputed tokens this step can take."""
+        left = seq.num_tokens - seq.num_computed
+        return min(left, self.total if seq.num_computed >= seq.prompt_len else self.prefill)
+
+    def spend(self, seq: Sequence, n: int) -> None:
+        self.total -= n
+        if seq.num_computed < seq.prompt_len:
+            self.prefill = min(self.prefill - n, self.total)
+        else:
+            self.prefill = min(self.prefill, self.total)
+
+
 class Scheduler:
     def __init__(self, config: SchedulerConfig):
         self.config = config
@@ -132,20 +159,28 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def schedule(self) -> SchedulerOutput:
-        budget = self.config.max_num_batched_tokens
+        budget = _Budget(self.config.max_num_batched_tokens, self._prefill_cap())
         out = SchedulerOutput([], [])
         i = 0
-        while i < len(self.running) and budget > 0:
+        while i < len(self.running) and budget.total > 0:
             seq = self.running[i]
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = budget.grant(seq)
+            if n == 0:  # a prefill in progress, and this step's prompt tokens are spent
+                i += 1
+                continue
             if not self._reserve(seq, n, out):
                 continue  # seq itself was preempted; self.running shrank
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
-            budget -= n
+            budget.spend(seq, n)
             i += 1
         if not out.preempted:
-            budget = self._admit(budget, out)
+            self._admit(budget, out)
         return out
+
+    def _prefill_cap(self) -> int | None:
+        cap = self.config.max_prefill_tokens_while_decoding
+        decoding = any(seq.num_computed >= seq.prompt_len for seq in self.running)
+        return cap if decoding else None
 
     def _reserve(self, seq: Sequence, n: int, out: SchedulerOutput) -> bool:
         """Blocks for seq's next n tokens, preempting the newest running requests if needed."""
@@ -160,15 +195,15 @@ class Scheduler:
         seq.table.block_ids += self.pool.allocate(need)
         return True
 
-    def _admit(self, budget: int, out: SchedulerOutput) -> int:
+    def _admit(self, budget: _Budget, out: SchedulerOutput) -> None:
         for seq in list(self.waiting):
-            if budget <= 0 or len(self.running) >= self.config.max_num_seqs:
+            if budget.prefill <= 0 or len(self.running) >= self.config.max_num_seqs:
                 break
             if not seq.images_ready:
                 continue
             reads_cache = self.config.prefix_caching and seq.reads_prefix_cache
             hit = self._take_prefix(seq) if seq.num_computed == 0 and reads_cache else 0
-            n = min(seq.num_tokens - seq.num_computed, budget)
+            n = budget.grant(seq)
             need = self._blocks_needed(seq, n)
             if need > self.pool.num_free:
                 self._release_blocks(seq)  # give the prefix hit back; retry next step
@@ -180,8 +215,7 @@ class Scheduler:
             self.waiting.remove(seq)
             self.running.append(seq)
             out.chunks.append(ScheduledChunk(seq, seq.num_computed, n))
-            budget -= n
-        return budget
+            budget.spend(seq, n)
 
     def _take_prefix(self, seq: Sequence) -> int:
         """Hold seq's cached leading blocks; return how many tokens they cover."""

@@ -186,6 +186,27 @@ def test_a_decode_and_a_new_prefill_share_a_step() -> None:
     assert a.output_ids == _expected_output(5, 5) and b.output_ids == _expected_output(12, 1)
 
 
+def test_while_decoding_a_step_takes_at_most_the_prefill_cap_of_prompt_tokens() -> None:
+    """Arrivals queue behind the cap while a stream decodes; alone, a prompt gets the whole budget."""
+    eng = _Engine(_config(max_num_batched_tokens=32, max_prefill_tokens_while_decoding=6))
+    alone = eng.add(_seq("alone", list(range(20))), max_tokens=8)
+    assert eng.step().chunks == [("alone", 0, 20, True)]  # nothing decoding yet: the whole budget
+
+    b = eng.add(_seq("b", list(range(100, 104))), max_tokens=2)
+    c = eng.add(_seq("c", list(range(200, 210))), max_tokens=2)
+    assert eng.step().chunks == [("alone", 20, 1, True), ("b", 0, 4, True), ("c", 0, 2, False)]
+    assert eng.step().chunks == [("alone", 21, 1, True), ("b", 4, 1, True), ("c", 2, 6, False)]
+    assert eng.step().chunks == [("alone", 22, 1, True), ("c", 8, 2, True)]  # b finished
+    eng.run()
+    assert alone.output_ids == _expected_output(20, 8) and c.output_ids == _expected_output(10, 2)
+    assert b.output_ids == _expected_output(4, 2)
+
+
+def test_the_prefill_cap_must_be_positive() -> None:
+    with pytest.raises(ValueError):
+        _config(max_prefill_tokens_while_decoding=0)
+
+
 # 3 ---------------------------------------------------------------------------------------------------
 
 def test_max_num_seqs_caps_the_running_set() -> None:
@@ -407,7 +428,9 @@ _IMAGE_TOKEN = 0  # the placeholder id; the random prompts' text tokens are neve
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workload_keeps_every_invariant(seed: int) -> None:
     rng = random.Random(seed)
-    config = SchedulerConfig(num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=16)
+    cap = None if seed % 2 else 5  # half the seeds with a prefill cap while decoding
+    config = SchedulerConfig(num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=16,
+                             max_prefill_tokens_while_decoding=cap)
     eng = _Engine(config)
     bases = [[rng.randrange(1, 50) for _ in range(40)] for _ in range(3)]  # shared prefixes: cache hits
 
