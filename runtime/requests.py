@@ -23,8 +23,9 @@ from runtime.tools import (
     parse_tools,
 )
 
-__all__ = ["ChatRequest", "RequestLimits", "SamplingParams", "check_fields", "parse_chat_request", "parse_count",
-           "parse_prompts", "parse_sampling"]
+__all__ = ["ChatRequest", "CompletionRequest", "RequestLimits", "ResponseOptions", "SamplingParams", "check_fields",
+           "parse_chat_request", "parse_completion_request", "parse_count", "parse_prompts", "parse_response_options",
+           "parse_sampling"]
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_N = 16  # choices per prompt (n)
@@ -140,6 +141,48 @@ class ChatRequest:
     image_urls: tuple[tuple[int, str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class ResponseOptions:
+    """How the answer is shaped (not what is generated): the fields the router's framing reads."""
+
+    stream: bool = False
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
+    return_token_ids: bool = False  # vLLM's extension: token ids beside the text
+    logprobs: bool = False
+    skip_special_tokens: bool = True
+
+
+def parse_response_options(body: dict[str, Any], sampling: SamplingParams) -> ResponseOptions:
+    stream_options = body.get("stream_options") or {}
+    if not isinstance(stream_options, dict):
+        raise RequestError("stream_options must be an object", "stream_options")
+    return ResponseOptions(parse_flag(body, "stream"), bool(stream_options.get("include_usage", False)),
+                           parse_flag(body, "return_token_ids"), sampling.logprobs, sampling.skip_special_tokens)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A /v1/completions body: its prompts (strings still to tokenize, or checked token ids), each
+    sampled n times."""
+
+    prompts: list[str | list[int]]
+    sampling: SamplingParams
+    n: int
+    echo: bool
+    options: ResponseOptions
+
+
+def parse_completion_request(body: dict[str, Any], defaults: dict[str, Any], limits: RequestLimits,
+                             vocab_size: int) -> CompletionRequest:
+    check_fields(body, "completions")
+    echo = parse_flag(body, "echo")
+    count = _completion_logprobs(body)  # a count of alternatives, not the chat API's boolean
+    sampling = parse_sampling(body, defaults, limits, prompt_logprobs=count if echo else None,
+                              fewest_tokens=0 if echo else 1, logprobs=(count is not None, count or 0))
+    return CompletionRequest(parse_prompts(body.get("prompt"), vocab_size), sampling, parse_count(body), echo,
+                             parse_response_options(body, sampling))
+
+
 def parse_chat_request(
     body: Any, defaults: dict[str, Any] | None = None, limits: RequestLimits = RequestLimits()
 ) -> ChatRequest:
@@ -240,9 +283,12 @@ def decode_data_url(url: str, where: str, max_bytes: int) -> bytes:
 
 
 def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: RequestLimits,
-                   prompt_logprobs: int | None = None, fewest_tokens: int = 1) -> SamplingParams:
+                   prompt_logprobs: int | None = None, fewest_tokens: int = 1,
+                   logprobs: tuple[bool, int] | None = None) -> SamplingParams:
     """fewest_tokens: the smallest max_tokens allowed (0 only where the prompt alone is an answer:
-    completions' echo)."""
+    completions' echo). logprobs: (wanted, alternatives per token); None reads the chat API's
+    `logprobs` and `top_logprobs` from the body."""
+    wanted, top = _chat_logprobs(body) if logprobs is None else logprobs
     def get(key: str, fallback: Any) -> Any:
         value = body.get(key)
         return defaults.get(key, fallback) if value is None else value
@@ -262,8 +308,8 @@ def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
         ),
         ignore_eos=_bool(body.get("ignore_eos", False), "ignore_eos"),
         min_tokens=_int(body.get("min_tokens", 0), "min_tokens", low=0),
-        logprobs=_bool(body.get("logprobs", False), "logprobs"),
-        top_logprobs=_int(body.get("top_logprobs") or 0, "top_logprobs", low=0, high=20),
+        logprobs=wanted,
+        top_logprobs=top,
         skip_special_tokens=_bool(body.get("skip_special_tokens", True), "skip_special_tokens"),
         prompt_logprobs=prompt_logprobs,
         structured=parse_structured(body),
@@ -274,6 +320,19 @@ def parse_sampling(body: dict[str, Any], defaults: dict[str, Any], limits: Reque
     if params.structured is not None and params.min_tokens:  # the grammar decides where the output ends
         raise RequestError("min_tokens cannot be combined with structured output", "min_tokens")
     return params
+
+
+def _chat_logprobs(body: dict[str, Any]) -> tuple[bool, int]:
+    return (_bool(body.get("logprobs", False), "logprobs"),
+            _int(body.get("top_logprobs") or 0, "top_logprobs", low=0, high=20))
+
+
+def _completion_logprobs(body: dict[str, Any]) -> int | None:
+    """The completions API's logprobs: a count of alternatives per token (None: none wanted)."""
+    count = body.get("logprobs")
+    if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 20):
+        raise RequestError("logprobs must be an integer in [0, 20]", "logprobs")
+    return count
 
 
 def _int(v: Any, name: str, low: int | None = None, high: int | None = None) -> int:

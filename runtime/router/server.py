@@ -15,7 +15,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import msgspec
@@ -29,7 +29,15 @@ from runtime import serve_compat
 from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
-from runtime.requests import check_fields, parse_chat_request, parse_count, parse_prompts, parse_sampling
+from runtime.requests import (
+    ResponseOptions,
+    check_fields,
+    parse_chat_request,
+    parse_completion_request,
+    parse_count,
+    parse_prompts,
+    parse_response_options,
+)
 from runtime.requests import parse_flag as _flag
 from runtime.router import admin, generate_api
 from runtime.router import openai_api as api
@@ -67,8 +75,11 @@ class _Plan:
     request_id: str
     gens: list[GenerateRequest]
     n: int
-    options: dict[str, Any]
+    options: ResponseOptions
     echoes: list[api.Echo | None]
+    reasoning: bool = False  # chat: the prompt leaves the answer inside a thinking block
+    tools: ToolUse | None = None  # chat: the answer is parsed for these tools' calls
+    generate: generate_api.GenerateBody | None = None  # SGLang's /generate: answered in its shapes
 
     def leader(self, index: int) -> int | None:
         """The choice whose prefill another choice of the same prompt waits for (None: starts at once)."""
@@ -227,7 +238,8 @@ class Router:
 
     # --- one request ---------------------------------------------------------------------------
 
-    async def _serve(self, request: Request, prepare: Any, chat: bool) -> Response:
+    async def _serve(self, request: Request, prepare: Callable[[dict[str, Any]], Awaitable[_Plan]],
+                     chat: bool) -> Response:
         timer = self.telemetry.timer()
         try:
             if (denied := self._auth(request)) is not None:
@@ -244,9 +256,9 @@ class Router:
         if self._in_flight >= self.config.limits.max_queued_requests:
             return self._error(api.ApiError(429, "too many requests in flight; retry shortly", "rate_limit_error",
                                             headers={"Retry-After": "1"}))
-        if "generate" in plan.options:  # SGLang's /generate answers in its own shapes
-            return await self._generate_answer(plan, plan.options["generate"], timer)
-        if plan.options["stream"]:
+        if plan.generate is not None:  # SGLang's /generate answers in its own shapes
+            return await self._generate_answer(plan, plan.generate, timer)
+        if plan.options.stream:
             return StreamingResponse(self._sse(plan, chat, timer), media_type="text/event-stream",
                                      headers=self._version_header())
         return await self._whole(plan, chat, timer)
@@ -282,15 +294,6 @@ class Router:
 
     # --- preparing -----------------------------------------------------------------------------
 
-    def _options(self, body: dict[str, Any], sampling: Any) -> dict[str, Any]:
-        stream = _flag(body, "stream")
-        stream_options = body.get("stream_options") or {}
-        if not isinstance(stream_options, dict):
-            raise RequestError("stream_options must be an object", "stream_options")
-        return {"stream": stream, "include_usage": bool(stream_options.get("include_usage", False)),
-                "return_token_ids": _flag(body, "return_token_ids"), "logprobs": sampling.logprobs,
-                "skip_special_tokens": sampling.skip_special_tokens, "reasoning": False, "tools": None}
-
     async def _prepare_chat(self, body: dict[str, Any]) -> _Plan:
         check_fields(body, "chat")
         chat = parse_chat_request(body, self.prep.defaults.sampling, self.limits)
@@ -300,35 +303,22 @@ class Router:
                                        image_urls=())
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = await asyncio.to_thread(self.prep.prepare, rid, chat)  # hashing and tokenizing: off the loop
-        options = self._options(body, chat.sampling)
-        options["reasoning"] = api.starts_in_reasoning(gen.prompt_ids, self.think_ids)
-        options["tools"] = ToolUse.of(chat)  # None: the answer is not parsed for tool calls
-        return _Plan(rid, _fan_out(gen, n), n, options, [None] * n)
+        return _Plan(rid, _fan_out(gen, n), n, parse_response_options(body, chat.sampling), [None] * n,
+                     reasoning=api.starts_in_reasoning(gen.prompt_ids, self.think_ids), tools=ToolUse.of(chat))
 
     async def _prepare_completion(self, body: dict[str, Any]) -> _Plan:
-        check_fields(body, "completions")
-        echo = _flag(body, "echo")
-        # The completions API's logprobs is a count of alternatives, not the chat API's boolean.
-        count = body.get("logprobs")
-        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= 20):
-            raise RequestError("logprobs must be an integer in [0, 20]", "logprobs")
-        chat_style = {k: v for k, v in body.items() if k not in ("logprobs", "top_logprobs")}
-        if count is not None:
-            chat_style |= {"logprobs": True, "top_logprobs": count}
-        sampling = parse_sampling(chat_style, self.prep.defaults.sampling, self.limits,
-                                  prompt_logprobs=count if echo else None, fewest_tokens=0 if echo else 1)
-        n = parse_count(body)
+        req = parse_completion_request(body, self.prep.defaults.sampling, self.limits,
+                                       self.prep.model_config.text.vocab_size)
         rid = f"cmpl-{uuid.uuid4().hex}"
-        prompts = parse_prompts(body.get("prompt"), self.prep.model_config.text.vocab_size)
         gens: list[GenerateRequest] = []
         echoes: list[api.Echo | None] = []
-        for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(req.prompts):
             ids = self._completion_ids(prompt)
-            gen_id = rid if len(prompts) == 1 else f"{rid}-p{i}"
-            gens += _fan_out(GenerateRequest(gen_id, ids, sampling), n)
+            gen_id = rid if len(req.prompts) == 1 else f"{rid}-p{i}"
+            gens += _fan_out(GenerateRequest(gen_id, ids, req.sampling), req.n)
             text = prompt if isinstance(prompt, str) else self.prep.tokenizer.decode(ids, skip_special_tokens=False)
-            echoes += [api.Echo(text, ids) if echo else None] * n
-        return _Plan(rid, gens, n, self._options(body, sampling), echoes)
+            echoes += [api.Echo(text, ids) if req.echo else None] * req.n
+        return _Plan(rid, gens, req.n, req.options, echoes)
 
     def _completion_ids(self, prompt: str | list[int], field: str = "prompt") -> list[int]:
         ids = list(self.prep.tokenizer(prompt)["input_ids"]) if isinstance(prompt, str) else list(prompt)
@@ -356,7 +346,7 @@ class Router:
                                     gen.sampling)
             gens += [msgspec.structs.replace(g, request_id=ids[i * gen.n + j])
                      for j, g in enumerate(_fan_out(first, gen.n))]
-        return _Plan(rid, gens, gen.n, {"stream": gen.stream, "generate": gen}, [None] * len(gens))
+        return _Plan(rid, gens, gen.n, ResponseOptions(stream=gen.stream), [None] * len(gens), generate=gen)
 
     async def _generate_answer(self, plan: _Plan, gen: generate_api.GenerateBody, timer: RequestTimer) -> Response:
         if gen.stream:
@@ -564,23 +554,23 @@ class Router:
             return dones
         opts, tok = plan.options, self.prep.tokenizer
         if chat:
-            choices = [api.chat_choice(i, d, AssistantStream(opts["reasoning"], opts["tools"]), opts["logprobs"],
-                                       opts["return_token_ids"], tok) for i, d in enumerate(dones)]
+            choices = [api.chat_choice(i, d, AssistantStream(plan.reasoning, plan.tools), opts.logprobs,
+                                       opts.return_token_ids, tok) for i, d in enumerate(dones)]
         else:
-            choices = [api.completion_choice(i, d, opts["logprobs"], opts["return_token_ids"], tok,
-                                             opts["skip_special_tokens"], plan.echoes[i]) for i, d in enumerate(dones)]
+            choices = [api.completion_choice(i, d, opts.logprobs, opts.return_token_ids, tok,
+                                             opts.skip_special_tokens, plan.echoes[i]) for i, d in enumerate(dones)]
         one_prompt = len(plan.gens) == plan.n
-        if opts["return_token_ids"] and not one_prompt:
+        if opts.return_token_ids and not one_prompt:
             for choice, gen in zip(choices, plan.gens, strict=True):
                 choice["prompt_token_ids"] = gen.prompt_ids
-        prompt_ids = plan.gens[0].prompt_ids if opts["return_token_ids"] and one_prompt else None
+        prompt_ids = plan.gens[0].prompt_ids if opts.return_token_ids and one_prompt else None
         body = api.response(plan.request_id, self.model, "chat.completion" if chat else "text_completion", choices,
                             dones, plan.n, prompt_ids)
         return JSONResponse(body, headers=self._version_header(dones))
 
     async def _sse(self, plan: _Plan, chat: bool, timer: RequestTimer) -> AsyncIterator[bytes]:
         rid, created, opts = plan.request_id, int(time.time()), plan.options
-        streams = [_ChoiceStream(AssistantStream(opts["reasoning"], opts["tools"]) if chat else None, echo)
+        streams = [_ChoiceStream(AssistantStream(plan.reasoning, plan.tools) if chat else None, echo)
                    for echo in plan.echoes]
         failed, roles_sent = False, not chat
         try:
@@ -589,7 +579,7 @@ class Router:
                     roles_sent = True
                     for i in range(len(plan.gens)):
                         yield api.sse(api.chat_chunk(rid, self.model, created, {"role": "assistant", "content": ""},
-                                                     token_ids=[] if opts["return_token_ids"] else None, index=i))
+                                                     token_ids=[] if opts.return_token_ids else None, index=i))
                 timer.tokens(len(out.token_ids))
                 streams[index].last = out
                 if out.finish_reason == "error":
@@ -607,31 +597,31 @@ class Router:
         lasts = [s.last for s in streams if s.last is not None]
         if not failed and len(lasts) == len(streams):
             timer.finish()
-            if opts["include_usage"]:
+            if opts.include_usage:
                 yield api.sse({"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
                                "created": created, "model": self.model, "choices": [],
                                "usage": api.usage(lasts, plan.n)})
         self.telemetry.count(500 if failed or not lasts else 200)
         yield api.sse("[DONE]")
 
-    def _chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: dict[str, Any],
+    def _chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: ResponseOptions,
                stream: _ChoiceStream) -> dict[str, Any]:
-        token_ids = out.token_ids if options["return_token_ids"] else None
+        token_ids = out.token_ids if options.return_token_ids else None
         if stream.assistant is None:
             return self._completion_chunk(rid, created, index, out, options, stream, token_ids)
         delta = stream.assistant.delta(out.text, out.finished)  # before finish_reason: it counts the calls
-        logprobs = api.chat_logprobs(out.logprobs or [], self.prep.tokenizer) if options["logprobs"] else None
+        logprobs = api.chat_logprobs(out.logprobs or [], self.prep.tokenizer) if options.logprobs else None
         return api.chat_chunk(rid, self.model, created, delta, stream.assistant.finish_reason(out.finish_reason),
                               logprobs, token_ids, index)
 
-    def _completion_chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: dict[str, Any],
+    def _completion_chunk(self, rid: str, created: int, index: int, out: RequestOutput, options: ResponseOptions,
                           stream: _ChoiceStream, token_ids: list[int] | None) -> dict[str, Any]:
         """The first chunk of an echoed choice carries the prompt's text (and its logprobs) first."""
         echo, stream.echo = stream.echo, None
         text = out.text if echo is None else echo.text + out.text
         logprobs = None
-        if options["logprobs"]:
+        if options.logprobs:
             logprobs = api.completion_logprobs(echo, out.prompt_logprobs, out.logprobs or [], out.token_ids,
-                                               self.prep.tokenizer, options["skip_special_tokens"], stream.offset)
+                                               self.prep.tokenizer, options.skip_special_tokens, stream.offset)
         stream.offset += len(text)
         return api.completion_chunk(rid, self.model, created, text, out.finish_reason, logprobs, token_ids, index)

@@ -9,8 +9,10 @@ from runtime.requests import (
     MAX_N,
     MAX_PROMPTS,
     RequestLimits,
+    ResponseOptions,
     check_fields,
     parse_chat_request,
+    parse_completion_request,
     parse_count,
     parse_prompts,
 )
@@ -140,3 +142,27 @@ def test_return_routed_experts_is_a_flag_that_skips_the_prefix_cache() -> None:
     asked = parse_chat_request(_body(return_routed_experts=True)).sampling
     assert asked.return_routed_experts and not asked.reads_prefix_cache
     assert parse_chat_request(_body()).sampling.reads_prefix_cache
+
+
+def test_a_completion_body_parses_into_one_typed_request() -> None:
+    """The completions API's logprobs is a count of alternatives; with echo, the prompt's too."""
+    body = {"prompt": ["a", [5, 6]], "logprobs": 3, "echo": True, "max_tokens": 0, "n": 2, "stream": True,
+            "stream_options": {"include_usage": True}}
+    req = parse_completion_request(body, {}, RequestLimits(), vocab_size=100)
+    assert req.prompts == ["a", [5, 6]] and req.n == 2 and req.echo
+    assert (req.sampling.logprobs, req.sampling.top_logprobs, req.sampling.prompt_logprobs) == (True, 3, 3)
+    assert req.options == ResponseOptions(stream=True, include_usage=True, logprobs=True)
+    plain = parse_completion_request({"prompt": "a"}, {}, RequestLimits(), vocab_size=100)
+    assert (plain.sampling.logprobs, plain.sampling.top_logprobs, plain.sampling.prompt_logprobs) == (False, 0, None)
+    assert plain.options == ResponseOptions()
+
+
+@pytest.mark.parametrize(("body", "field"), [
+    ({"prompt": "a", "logprobs": True}, "logprobs"), ({"prompt": "a", "logprobs": 21}, "logprobs"),
+    ({"prompt": "a", "max_tokens": 0}, "max_tokens"), ({"prompt": "a", "stream_options": 1}, "stream_options"),
+    ({"prompt": "a", "top_logprobs": 2}, "top_logprobs"), ({"prompt": []}, "prompt"),
+])
+def test_bad_completion_bodies_name_the_field(body: dict, field: str) -> None:
+    with pytest.raises(RequestError) as e:
+        parse_completion_request(body, {}, RequestLimits(), vocab_size=100)
+    assert e.value.field == field

@@ -8,6 +8,7 @@ import json
 from types import SimpleNamespace
 
 from runtime.protocol import GenerateRequest, RequestOutput, SamplingParams
+from runtime.requests import ResponseOptions
 from runtime.router import server
 from runtime.router.metrics import RequestTimer, RouterMetrics
 
@@ -30,9 +31,7 @@ def _router(outputs: list[RequestOutput], first_token: asyncio.Event) -> SimpleN
 
 def _plan(n: int = 1) -> server._Plan:
     gen = GenerateRequest("r", [1, 2], SamplingParams(max_tokens=2))
-    options = {"reasoning": False, "tools": None, "return_token_ids": False, "logprobs": False,
-               "include_usage": False}
-    return server._Plan("r", [gen] * n, n, options, [None] * n)
+    return server._Plan("r", [gen] * n, n, ResponseOptions(stream=True), [None] * n)
 
 
 async def _events(first_token: asyncio.Event, outputs: list[RequestOutput]) -> tuple[list[dict], bool]:
