@@ -29,9 +29,10 @@ from runtime import serve_compat
 from runtime.errors import RequestError
 from runtime.lm_service.admin import Admission
 from runtime.lm_service.async_engine import AsyncEngine
-from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
+from runtime.lm_service.engine import EngineConfig, EngineHooks
 from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.engine_loop import error_output
+from runtime.lm_service.loading import build_engine
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, encode_failure
@@ -76,7 +77,7 @@ class LMService:
         else:
             # EP worker ranks are Ray actors in this replica's placement group (on its node).
             launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
-            stepped = Engine.from_model_dir(model_dir, self.config, hooks, launch)
+            stepped = build_engine(model_dir, self.config, hooks, launch)
             if weights is not None:
                 stepped.load_weights(*weights)
             local = self.engine = AsyncEngine(stepped)

@@ -14,7 +14,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,6 +25,7 @@ from runtime.lm_service.request_state import EngineRequest, RequestState
 from runtime.lm_service.runner import ImageRows, ModelRunner, StepInput
 from runtime.lm_service.sampling import choose_rows
 from runtime.lm_service.scheduler import ImageSpan, ScheduledChunk, Scheduler, SchedulerConfig, Sequence
+from runtime.lm_service.weights import drop_weights, reload_language_model
 from runtime.models.common import DTYPES
 from runtime.models.config import ModelConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
@@ -145,18 +145,6 @@ class Engine:
         self.grammars = GrammarBook(tokenizer, model_config.text.vocab_size, eos_token_ids,
                                     threads=config.threads_per_rank)
 
-    @classmethod
-    def from_model_dir(cls, model_dir: str | Path, config: EngineConfig = EngineConfig(),
-                       hooks: EngineHooks | None = None, launch: Any = None) -> Engine:
-        """`launch` starts the expert-parallel worker ranks (default: local child processes)."""
-        from runtime.lm_service.loading import load_engine_parts
-
-        parts = load_engine_parts(model_dir, config, launch)
-        engine = cls(parts.lm, parts.model_config, config, parts.eos_token_ids, parts.tokenizer, hooks,
-                     parts.expert_group)
-        engine.weights_path = str(model_dir)
-        return engine
-
     # --- requests in -------------------------------------------------------------------------
 
     def check(self, request: EngineRequest) -> None:
@@ -272,8 +260,6 @@ class Engine:
     def sleep(self, level: int) -> None:
         """Level 1 frees the KV cache's memory (and forgets the prefix cache); level 2 the weights too.
         Only while no request is live."""
-        from runtime.lm_service.loading import drop_weights
-
         self.scheduler.reset_prefix_cache()
         self.cache.release()
         if level >= 2 and self.sleep_level < 2:
@@ -295,9 +281,8 @@ class Engine:
         self.scheduler.reset_prefix_cache()  # cached KV was computed by the old weights
 
     def _install(self, path: str) -> None:
-        from runtime.lm_service.loading import reload_language_model
-
-        self.runner.lm = reload_language_model(path, self.model_config, self.config, self.expert_group)
+        self.runner.lm = reload_language_model(path, self.model_config, self.config.torch_dtype, self.config.device,
+                                               self.expert_group)
         self.sleep_level = min(self.sleep_level, 1)
 
     # --- the step ----------------------------------------------------------------------------

@@ -23,8 +23,9 @@ import torch
 import zmq
 
 from runtime.lm_service.admin import EngineAdmin
-from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks, EngineStats
+from runtime.lm_service.engine import EngineConfig, EngineHooks, EngineStats
 from runtime.lm_service.engine_loop import EngineLoop
+from runtime.lm_service.loading import build_engine
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import encode_failure
 from runtime.protocol import (
@@ -90,7 +91,7 @@ def run_engine_core(spec: CoreSpec) -> None:
             need_embeddings=lambda rid, indexes: events.send(CoreNeedEmbeddings(rid, list(indexes))),
             released=lambda rid: events.send(CoreReleased(rid)),
         )
-        engine = Engine.from_model_dir(spec.model_dir, spec.config, hooks)
+        engine = build_engine(spec.model_dir, spec.config, hooks)
         if spec.weights is not None:
             engine.load_weights(*spec.weights)
     except BaseException as e:

@@ -35,13 +35,6 @@ class _Block:
     hash: bytes | None = None
 
 
-@dataclass
-class PoolStats:
-    total: int
-    used: int
-    cached_free: int
-
-
 class BlockPool:
     def __init__(self, num_blocks: int):
         if num_blocks < 1:
@@ -104,10 +97,6 @@ class BlockPool:
             block.ref_count -= 1
             if block.ref_count == 0:
                 self._free[block_id] = None
-
-    def stats(self) -> PoolStats:
-        cached_free = sum(1 for b in self._free if self.blocks[b].hash is not None)
-        return PoolStats(len(self.blocks), self.num_used, cached_free)
 
 
 @dataclass

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 
 from runtime.checkpoint.loader import load_vision
-from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks, placeholder_runs
+from runtime.lm_service.engine import EngineConfig, EngineHooks, placeholder_runs
+from runtime.lm_service.loading import build_engine
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.runner import ImageRows, StepInput
 from runtime.prompt import GenerationDefaults, PromptBuilder
@@ -72,7 +73,7 @@ class OfflineLLM:
     def __init__(self, model_dir: str | Path, config: EngineConfig = EngineConfig(),
                  image_limits: ImageLimits = ImageLimits()):
         hooks = EngineHooks(need_embeddings=self._encode_again)
-        self.engine = Engine.from_model_dir(model_dir, config, hooks)
+        self.engine = build_engine(model_dir, config, hooks)
         self.config = self.engine.model_config
         self.processor = load_processor_config(model_dir)
         self.vision = load_vision(model_dir, self.config, config.torch_dtype, config.device)

@@ -12,8 +12,7 @@ checkpoint layout maps by prefix alone (see runtime/checkpoint/names.py).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -30,7 +29,8 @@ from runtime.models.experts import ExpertBank, ExpertFactory, Int4Layout, expert
 class KVBatch(Protocol):
     """The sequences of one forward and where their latents live. Rows of the flat token batch are
     grouped by sequence. Sequences with one new token may be attended together (decode_rows);
-    the rest are attended one by one (per_sequence). The engine's paged cache implements this."""
+    the rest are attended one by one (per_sequence). The engine's paged cache implements this
+    (tests/latent_kv.py has a contiguous one, the simplest to check the model against)."""
 
     def positions(self, device: torch.device | str) -> torch.Tensor:
         """Position of every new token [T]."""
@@ -59,59 +59,6 @@ class KVBatch(Protocol):
     def advance(self) -> None:
         """Every layer has run: commit the new tokens."""
         ...
-
-
-class ContiguousLatentKV:
-    """One sequence, one preallocated buffer [layers, max_len, r + p]."""
-
-    def __init__(self, cfg: TextConfig, max_len: int, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        self.buffer = torch.zeros(cfg.num_hidden_layers, max_len, cfg.latent_dim, dtype=dtype, device=device)
-        self.length = 0  # tokens committed before the current forward
-
-    def write(self, layer: int, latent: torch.Tensor) -> None:
-        end = self.length + latent.shape[0]
-        if end > self.buffer.shape[1]:
-            raise ValueError(f"sequence of {end} tokens exceeds the cache of {self.buffer.shape[1]}")
-        self.buffer[layer, self.length : end] = latent
-
-    def read(self, layer: int, new: int) -> torch.Tensor:
-        return self.buffer[layer, : self.length + new]
-
-
-@dataclass
-class SequenceBatch:
-    """KVBatch over contiguous per-sequence buffers (offline, one sequence at a time, and tests):
-    rows [start, start+len) belong to kvs[i]; every sequence is attended on its own."""
-
-    lengths: Sequence[int]
-    kvs: Sequence[ContiguousLatentKV]
-
-    def positions(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        parts = [torch.arange(kv.length, kv.length + n) for n, kv in zip(self.lengths, self.kvs, strict=True)]
-        return torch.cat(parts).to(device)
-
-    def write(self, layer: int, latent: torch.Tensor) -> None:
-        for (_, start, n), kv in zip(self.per_sequence(), self.kvs, strict=True):
-            kv.write(layer, latent[start : start + n])
-
-    def per_sequence(self) -> list[tuple[int, int, int]]:
-        starts = [0]
-        for n in self.lengths:
-            starts.append(starts[-1] + n)
-        return [(i, starts[i], n) for i, n in enumerate(self.lengths)]
-
-    def context(self, layer: int, seq: int) -> torch.Tensor:
-        return self.kvs[seq].read(layer, self.lengths[seq])
-
-    def decode_rows(self) -> torch.Tensor | None:
-        return None
-
-    def decode_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        raise NotImplementedError("SequenceBatch attends every sequence on its own")
-
-    def advance(self) -> None:
-        for n, kv in zip(self.lengths, self.kvs, strict=True):
-            kv.length += n
 
 
 # --- norms and rope ----------------------------------------------------------------------------

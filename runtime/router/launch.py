@@ -96,12 +96,13 @@ def start_ray(config: dict[str, Any], **init_kwargs: Any) -> None:
     import os
 
     import ray
-    from ray._private import ray_constants
+
+    from runtime import serve_compat
 
     env = ray_environment(config)
     os.environ.update(env)
     if env.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") == "0":
-        ray_constants.ENABLE_RAY_CLUSTER = False
+        serve_compat.set_single_machine_mode(True)
     ray.init(**init_kwargs)
 
 
@@ -134,13 +135,9 @@ def check_port_free(config: dict[str, Any]) -> None:
 
 def deploy(config: dict[str, Any]) -> Any:
     """Apply the config to the running local Ray cluster (Serve started with its HTTP options)."""
-    from ray.serve._private import api as serve_api
-    from ray.serve.schema import ServeDeploySchema
+    from runtime import serve_compat  # Ray is imported when it is needed, not with this module
 
-    schema = ServeDeploySchema.model_validate(config)
-    client = serve_api.serve_start(http_options=schema.http_options.model_dump())
-    client.deploy_apps(schema, _blocking=False)
-    return client
+    return serve_compat.deploy_config(config)
 
 
 def base_url(config: dict[str, Any], port_offset: int = 0) -> str:

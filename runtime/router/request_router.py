@@ -16,9 +16,9 @@ import hashlib
 from collections.abc import Sequence
 from typing import Any
 
-from ray.serve._private.request_router.common import PendingRequest
-from ray.serve._private.request_router.replica_wrapper import RunningReplica
-from ray.serve._private.request_router.request_router import FIFOMixin, RequestRouter
+from ray.serve.request_router import PendingRequest, RunningReplica
+
+from runtime.serve_compat import TargetedFIFORouter
 
 PREFIX_TOKENS = 64
 
@@ -60,23 +60,12 @@ def _target(pending: PendingRequest) -> str | None:
     return target if isinstance(target, str) else None
 
 
-class AffinityRouter(FIFOMixin, RequestRouter):
-    def _fulfill_next_pending_request(self, replica: RunningReplica, request_metadata: Any = None) -> None:
-        """FIFOMixin's order (the oldest waiting request takes the replica found), except that an
-        admin call goes to the replica it names and no other: it is passed over for any other
+class AffinityRouter(TargetedFIFORouter):
+    def accepts(self, pending: PendingRequest, replica_id: str) -> bool:
+        """An admin call goes to the replica it names and no other: it is passed over for any other
         replica. (Serve's exact matching cannot be used instead: sibling calls of one HTTP request,
         its n choices, share an internal request id.)"""
-        mine = replica.replica_id.unique_id
-        for pending in list(self._pending_requests_to_fulfill):
-            if pending.future.done():
-                self._pending_requests_to_fulfill.remove(pending)
-            elif _target(pending) in (None, mine):
-                self._pending_requests_to_fulfill.remove(pending)
-                self._cancel_routing_task_for_pending_request(pending)
-                self._record_queue_wait_time(pending)
-                pending.future.set_result(replica)
-                self._remove_pending_request_from_indices(pending)
-                return
+        return _target(pending) in (None, replica_id)
 
     def initialize_state(self, slack: float = 4.0, **kwargs: Any) -> None:
         self.slack = slack

@@ -10,8 +10,8 @@ from typing import Any
 
 import ray
 import requests
-from ray._private import ray_constants
 
+from runtime import serve_compat
 from runtime.router import launch
 
 
@@ -32,7 +32,7 @@ class ServeApp:
         # As `python -m runtime serve` starts Ray (launch.start_ray); restored on close, with the
         # driver's single-machine setting (later modules may start a multi-node cluster).
         self._saved_env = dict(os.environ)
-        self._saved_cluster_mode = ray_constants.ENABLE_RAY_CLUSTER
+        self._saved_single_machine = serve_compat.single_machine_mode()
         launch.start_ray({"http_options": {"port": port}}, num_cpus=2, include_dashboard=False,
                          configure_logging=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         self.port = port
@@ -64,4 +64,4 @@ class ServeApp:
         ray.shutdown()
         os.environ.clear()
         os.environ.update(self._saved_env)
-        ray_constants.ENABLE_RAY_CLUSTER = self._saved_cluster_mode
+        serve_compat.set_single_machine_mode(self._saved_single_machine)

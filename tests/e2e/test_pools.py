@@ -178,3 +178,26 @@ def test_killing_the_vision_replica_while_it_holds_references(app) -> None:
     drained = served.wait_drained(timeout_s=30)
     assert sum(s["engine"]["kv_blocks_used"] + s["vision_client"]["requests"] for s in drained["lm"].values()) == 0
     assert sum(s["cache"]["live_references"] for s in drained["vision"].values()) == 0
+
+
+def _our_live_actors() -> list[dict]:
+    """Live actors of the runtime's own classes or names, from the GCS (ray.util.state's
+    list_actors needs the dashboard, which the test cluster does not start)."""
+    from ray._private import state
+
+    from runtime.lm_service.ray_ranks import _RankActor
+    from runtime.stats_board import StatsBoard
+
+    ours = {StatsBoard.__name__, _RankActor.__name__}
+    return [a for a in state.actors().values() if a["State"] != "DEAD"
+            and (a["ActorClassName"] in ours or a["Name"].startswith("kimi-"))]
+
+
+def test_a_serve_shutdown_leaves_no_actor_of_ours(app) -> None:
+    """Last in this module: it shuts the app down (the fixture's close then has nothing left to stop)."""
+    from ray import serve
+
+    before = {a["ActorClassName"] for a in _our_live_actors()}
+    assert before == {"StatsBoard", "_RankActor"}, before  # the board and each LM replica's second EP rank
+    serve.shutdown()
+    _wait_for(lambda: not _our_live_actors(), 30, "the app's actors to end with it")

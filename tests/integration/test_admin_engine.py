@@ -14,8 +14,9 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from runtime.lm_service.async_engine import AsyncEngine
-from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
+from runtime.lm_service.engine import EngineConfig, EngineHooks
 from runtime.lm_service.engine_client import EngineClient
+from runtime.lm_service.loading import build_engine
 from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import AdminAbort, AdminSleep, AdminUpdateWeights, AdminWake, SamplingParams
 
@@ -35,7 +36,7 @@ async def answer(engine, rid: str, params: SamplingParams = GREEDY,
 
 def greedy_of(path: Path) -> list[int]:
     async def main() -> list[int]:
-        engine = AsyncEngine(Engine.from_model_dir(path, CONFIG))
+        engine = AsyncEngine(build_engine(path, CONFIG))
         try:
             return (await answer(engine, "ref"))[0]
         finally:
@@ -74,7 +75,7 @@ def test_sleep_wake_drain_abort_and_update(checkpoints, tmp_path, where) -> None
 
     async def main() -> None:
         if where == "thread":
-            engine = AsyncEngine(Engine.from_model_dir(a, CONFIG))
+            engine = AsyncEngine(build_engine(a, CONFIG))
         else:
             engine = EngineClient(str(a), CONFIG, EngineHooks(need_embeddings=lambda r, i: None), "127.0.0.1")
         try:
@@ -136,7 +137,7 @@ def test_expert_parallel_update_sleep_and_wake(checkpoints, tmp_path) -> None:
     missing = broken_copy(a, tmp_path / "missing-expert", drop_expert)
 
     async def main() -> None:
-        engine = AsyncEngine(Engine.from_model_dir(a, config))
+        engine = AsyncEngine(build_engine(a, config))
         try:
             assert (await answer(engine, "a"))[0] == want_a
             refused = await engine.admin(AdminUpdateWeights(str(missing), 1))

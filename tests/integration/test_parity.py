@@ -16,8 +16,8 @@ from PIL import Image
 from runtime.lm_service.engine import EngineConfig, placeholder_runs
 from runtime.lm_service.offline import OfflineLLM
 from runtime.lm_service.runner import ImageRows, StepInput
-from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
 from runtime.requests import SamplingParams
+from tests.latent_kv import ContiguousLatentKV, SequenceBatch
 from tests.reference import reference_decode, reference_greedy, reference_image_processor, reference_model
 
 PRESETS = ["tiny", "odd", "mla576"]

@@ -16,8 +16,8 @@ from safetensors.torch import load_file, save_file
 from runtime.checkpoint.loader import load_language_model, load_routed_experts, routed_expert_bytes
 from runtime.errors import QuantizedTensorError, UnsupportedConfigError, UnsupportedQuantizationError
 from runtime.models.config import load_model_config
-from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
 from runtime.models.experts import Int4RoutedExperts, RoutedExperts
+from tests.latent_kv import ContiguousLatentKV, SequenceBatch
 
 EXPERT = "language_model.model.layers.1.mlp.experts.3"  # original dialect, tiny preset
 

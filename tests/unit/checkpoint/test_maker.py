@@ -11,7 +11,7 @@ from runtime.checkpoint.loader import load_language_model, load_vision
 from runtime.checkpoint.maker import make_checkpoint
 from runtime.checkpoint.tokenizer import SPECIAL_TOKENS
 from runtime.models.config import load_model_config
-from runtime.models.deepseek_v3 import ContiguousLatentKV, SequenceBatch
+from tests.latent_kv import ContiguousLatentKV, SequenceBatch
 
 
 def test_tokenizer_loads_offline_with_kimi_special_tokens(checkpoints) -> None:

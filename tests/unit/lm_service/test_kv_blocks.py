@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from runtime.lm_service.kv_blocks import BlockPool, block_hash
+from tests.unit.lm_service.pool_view import cached_free
 
 
 def _chain(*blocks: list[int]) -> list[bytes]:
@@ -39,8 +40,7 @@ def test_allocate_and_free_keep_the_counts() -> None:
     assert all(pool.blocks[i].ref_count == 0 for i in a)
     pool.free(b)
     assert (pool.num_free, pool.num_used) == (6, 0)
-    stats = pool.stats()
-    assert (stats.total, stats.used, stats.cached_free) == (6, 0, 0)
+    assert (len(pool.blocks), pool.num_used, cached_free(pool)) == (6, 0, 0)
 
 
 def test_allocate_raises_when_not_enough_blocks_are_free() -> None:
@@ -94,7 +94,7 @@ def test_a_freed_registered_block_stays_takeable_until_allocation_reuses_it() ->
     for block_id, h in zip(owner, hashes, strict=True):
         pool.register(block_id, h)
     pool.free(owner)  # the owner finished
-    assert (pool.num_used, pool.stats().cached_free) == (0, 2)
+    assert (pool.num_used, cached_free(pool)) == (0, 2)
 
     # A later request with the same prefix takes the blocks back out of the free queue.
     taken = pool.take_cached(hashes)
@@ -108,7 +108,7 @@ def test_a_freed_registered_block_stays_takeable_until_allocation_reuses_it() ->
     pool.allocate(4)
     assert all(b.hash is None for b in pool.blocks)
     assert pool.take_cached(hashes) == []
-    assert pool.stats().cached_free == 0
+    assert cached_free(pool) == 0
 
 
 def test_allocation_reuses_the_least_recently_freed_block_first() -> None:

@@ -6,7 +6,8 @@ import torch
 
 from runtime.checkpoint.presets import PRESETS
 from runtime.lm_service.kv_cache import PagedBatch, PagedLatentCache, SequenceChunk
-from runtime.models.deepseek_v3 import ContiguousLatentKV, DeepseekV3LM, SequenceBatch
+from runtime.models.deepseek_v3 import DeepseekV3LM
+from tests.latent_kv import ContiguousLatentKV, SequenceBatch
 
 
 def _lm(preset: str = "tiny") -> DeepseekV3LM:

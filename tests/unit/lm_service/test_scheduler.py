@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import pytest
 
 from runtime.lm_service.scheduler import ImageSpan, Scheduler, SchedulerConfig, SchedulerOutput, Sequence
+from tests.unit.lm_service.pool_view import cached_free
 
 
 def _token(seq: Sequence) -> int:
@@ -324,7 +325,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token() -> None:
     eng = _Engine(_config())
     eng.add(_seq("first", list(range(1, 9))), max_tokens=1)  # exactly 2 full blocks, both registered
     eng.run()
-    assert eng.s.pool.stats().cached_free == 2
+    assert cached_free(eng.s.pool) == 2
 
     again = eng.add(_seq("again", list(range(1, 9))), max_tokens=1)
     assert eng.step().chunks == [("again", 4, 4, True)]  # hit capped at (8 - 1) // 4 = 1 block
@@ -364,7 +365,7 @@ def test_without_prefix_caching_nothing_is_reused() -> None:
         eng.add(_seq(rid, list(range(1, 11))), max_tokens=1)
         eng.run()
     assert [s.chunks for s in eng.steps] == [[("a", 0, 10, True)], [("b", 0, 10, True)]]
-    assert eng.s.prefix_hit_tokens == 0 and eng.s.pool.stats().cached_free == 0
+    assert eng.s.prefix_hit_tokens == 0 and cached_free(eng.s.pool) == 0
 
 
 def test_requests_running_together_share_cached_blocks() -> None:

@@ -8,14 +8,8 @@ import torch
 from runtime.checkpoint.maker import init_random, model_config_of
 from runtime.checkpoint.presets import PRESETS
 from runtime.models.config import RopeConfig
-from runtime.models.deepseek_v3 import (
-    ContiguousLatentKV,
-    DeepseekV3LM,
-    MoEGate,
-    SequenceBatch,
-    rope_inv_freq,
-    softmax_scale,
-)
+from runtime.models.deepseek_v3 import DeepseekV3LM, MoEGate, rope_inv_freq, softmax_scale
+from tests.latent_kv import ContiguousLatentKV, SequenceBatch
 
 
 def _lm(preset: str, seed: int = 0) -> DeepseekV3LM:
