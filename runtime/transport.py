@@ -21,7 +21,7 @@ import torch
 import zmq
 
 from runtime.models.common import DTYPES
-from runtime.protocol import EmbeddingHeader, EncodeError, ReleaseRequest, VisionMessage
+from runtime.protocol import EmbeddingHeader, EncodeError, ErrorKind, ReleaseRequest, VisionMessage
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(VisionMessage)
@@ -107,7 +107,8 @@ class EmbeddingSender:
             if tracker is not None:
                 self._in_flight.append(tracker)
 
-    def send_error(self, address: str, request_id: str, image_index: int, message: str, error_type: str) -> None:
+    def send_error(self, address: str, request_id: str, image_index: int, message: str,
+                   error_type: ErrorKind) -> None:
         error = EncodeError(request_id, image_index, message, error_type, self.sender_id)
         with self._lock:
             self._socket(address).send(_encoder.encode(error))

@@ -35,7 +35,7 @@ from runtime.lm_service.engine_loop import error_output
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, encode_failure
-from runtime.protocol import AdminCall, AdminResult, GenerateRequest, RequestOutput
+from runtime.protocol import AdminCall, AdminResult, ErrorKind, GenerateRequest, RequestOutput
 from runtime.stats_board import Reporter, board, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
 from runtime.vision_service.encoder import image_key
@@ -91,7 +91,7 @@ class LMService:
 
     # --- what the vision client asks of the engine ---------------------------------------------
 
-    def _fail(self, request_id: str, message: str, error_type: str) -> None:
+    def _fail(self, request_id: str, message: str, error_type: ErrorKind) -> None:
         self.engine.fail(request_id, message, error_type)
 
     def _when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:
@@ -102,7 +102,7 @@ class LMService:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         rid = request.request_id
         if (refusal := await self.admission.enter()) is not None:  # waits while an admin operation runs
-            yield error_output(rid, refusal, "unavailable")
+            yield error_output(rid, refusal, ErrorKind.UNAVAILABLE)
             return
         keys = request.image_keys or [image_key(i.data, self.processor, self.model_dir, self.config.dtype)
                                       for i in request.images]
@@ -112,7 +112,7 @@ class LMService:
             stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, tuple(keys)))
         except RequestError as e:
             self.vision.forget(rid)
-            yield error_output(rid, str(e), "invalid_request")
+            yield error_output(rid, str(e), ErrorKind.INVALID_REQUEST)
             return
         except BaseException:
             self.vision.forget(rid)
@@ -128,7 +128,7 @@ class LMService:
     async def admin(self, call: AdminCall) -> AdminResult:
         """One admin operation on this replica's engine (the router sends one to every replica)."""
         if call.replica != self.replica:
-            return AdminResult(self.replica, False, f"meant for replica {call.replica}", "internal")
+            return AdminResult(self.replica, False, f"meant for replica {call.replica}", ErrorKind.INTERNAL)
         result = await self.admission.run(call.op, self.engine.admin)
         return msgspec.structs.replace(result, replica=self.replica)
 

@@ -50,6 +50,7 @@ from runtime.protocol import (
     CoreShutdown,
     CoreStats,
     CoreWhenMissing,
+    ErrorKind,
     RequestOutput,
 )
 
@@ -130,7 +131,7 @@ class EngineClient:
         if request_id in self._live:
             self._send(CoreAbort(request_id))
 
-    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
+    def fail(self, request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> None:
         self._send(CoreFail(request_id, message, error_type))
 
     def when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:

@@ -20,12 +20,12 @@ import torch
 from runtime.errors import RequestError
 from runtime.lm_service.engine import Engine, EngineStats
 from runtime.lm_service.request_state import EngineRequest
-from runtime.protocol import RequestOutput
+from runtime.protocol import ErrorKind, RequestOutput
 
 Deliver = Callable[[list[RequestOutput]], None]
 
 
-def error_output(request_id: str, message: str, error_type: str = "internal") -> RequestOutput:
+def error_output(request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> RequestOutput:
     """The last output of a request that ended with an error."""
     return RequestOutput(request_id, [], "", True, "error", message, error_type=error_type)
 
@@ -60,7 +60,7 @@ class EngineLoop:
     def add_embeddings(self, request_id: str, image_index: int, tensor: torch.Tensor) -> None:
         self.command(lambda: self.engine.add_embeddings(request_id, image_index, tensor))
 
-    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
+    def fail(self, request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> None:
         self.command(lambda: self.engine.fail(request_id, message, error_type))
 
     def abort(self, request_id: str) -> None:
@@ -124,13 +124,13 @@ class EngineLoop:
 
     def _admit(self, request: EngineRequest, embeddings: Sequence[tuple[int, torch.Tensor]]) -> None:
         if self.engine.sleep_level:  # the replica's door refuses first; this covers direct callers
-            self.deliver([error_output(request.request_id, "the engine is asleep", "unavailable")])
+            self.deliver([error_output(request.request_id, "the engine is asleep", ErrorKind.UNAVAILABLE)])
             self.engine.hooks.released(request.request_id)
             return
         try:
             self.engine.add_request(request)
         except RequestError as e:  # it can never run: the first output says why, and nothing is held
-            self.deliver([error_output(request.request_id, str(e), "invalid_request")])
+            self.deliver([error_output(request.request_id, str(e), ErrorKind.INVALID_REQUEST)])
             self.engine.hooks.released(request.request_id)
             return
         for index, tensor in embeddings:

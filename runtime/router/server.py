@@ -445,8 +445,7 @@ class Router:
             return self._error(api.ApiError(503, "no LM replica is running", "service_unavailable"))
         if not outcome.ok:
             log.warning("admin %s failed: %s", request.url.path, outcome.first_error())
-            error = api.ApiError(outcome.status(), outcome.first_error(),
-                                 "invalid_request_error" if outcome.status() == 400 else "server_error")
+            error = api.kind_error(outcome.error_kind(), outcome.first_error())
             return JSONResponse(error.body() | outcome.body(), error.status)
         if sleeping is not None:
             level = max(r.sleep_level for r in outcome.results) if sleeping else 0

@@ -22,6 +22,7 @@ from runtime.checkpoint.loader import load_vision
 from runtime.errors import ImageError, ImageTooLargeError
 from runtime.models.common import DTYPES
 from runtime.models.config import load_model_config
+from runtime.protocol import ErrorKind
 from runtime.transport import EmbeddingSender
 from runtime.vision_service.preprocess import (
     ImageLimits,
@@ -128,13 +129,13 @@ class VisionEncoder:
         try:
             embeds = await self.cache.get_or_compute(request_id, key, nbytes, lambda: self._compute(image))
         except (EmbeddingTooLargeError, ImageTooLargeError) as e:
-            self.sender.send_error(reply_to, request_id, index, str(e), "image_too_large")
+            self.sender.send_error(reply_to, request_id, index, str(e), ErrorKind.IMAGE_TOO_LARGE)
             return False
         except ImageError as e:
-            self.sender.send_error(reply_to, request_id, index, str(e), "invalid_image")
+            self.sender.send_error(reply_to, request_id, index, str(e), ErrorKind.INVALID_IMAGE)
             return False
         except Exception as e:  # a bug or a broken tower: this request fails, the replica lives on
-            self.sender.send_error(reply_to, request_id, index, f"{type(e).__name__}: {e}", "internal")
+            self.sender.send_error(reply_to, request_id, index, f"{type(e).__name__}: {e}", ErrorKind.INTERNAL)
             return False
         self.sender.send_embeddings(reply_to, request_id, index, key, embeds)
         return True
