@@ -25,7 +25,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from runtime import __version__ as RUNTIME_VERSION
-from runtime import serve_compat
+from runtime import logs, serve_compat
 from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
@@ -39,7 +39,7 @@ from runtime.router.metrics import RequestTimer, RouterMetrics, prometheus_text
 from runtime.router.prepare import RequestPreparer
 from runtime.stats_board import board
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 
 http = FastAPI(title="kimi-runtime", docs_url=None, redoc_url=None)
 
@@ -99,8 +99,9 @@ class _ChoiceStream:
 @serve.ingress(http)
 class Router:
     def __init__(self, config: dict[str, Any], model_dir: str, lm: Any, vision: Any):
-        serve_compat.apply_in_replica()
         self.config = AppConfig.model_validate(config)
+        logs.to_serve(self.config.log_level)
+        serve_compat.apply_in_replica()
         self.model = self.config.name
         self.model_dir = model_dir
         self.lm, self.vision = lm, vision
@@ -116,6 +117,10 @@ class Router:
         self.weights_version = 0  # the newest LM weights version seen (runtime.router.admin)
         self.admin = admin.AdminFanOut(lm, self.board, self.config.admin.timeout_s, model_dir)
         self._pool_state: tuple[float, dict[str, Any]] = (0.0, {})  # (when read, the board's admin state)
+        log.info("router ready: model %s served as %s, at most %d requests in flight, timeout %s s, API key %s, "
+                 "admin endpoints %s", model_dir, self.config.served_names, self.config.limits.max_queued_requests,
+                 self.config.limits.request_timeout_s, "on" if self.config.api_key else "off",
+                 "on" if self.config.admin.enabled else "off")
 
     # --- endpoints -----------------------------------------------------------------------------
 
