@@ -9,6 +9,7 @@ embeddings, the tensor's raw bytes, sent without a copy and wrapped on arrival w
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import threading
@@ -23,6 +24,7 @@ import zmq
 from runtime.models.common import DTYPES
 from runtime.protocol import EmbeddingHeader, EncodeError, ErrorKind, ReleaseRequest, VisionMessage
 
+log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(VisionMessage)
 _release_decoder = msgspec.msgpack.Decoder(ReleaseRequest)
@@ -182,6 +184,7 @@ class _PullLoop:
                 self._handle(frames)
             except (msgspec.DecodeError, ValueError, KeyError):
                 self.malformed += 1
+                log.warning("%s: a malformed message was dropped", self.address, exc_info=True)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         raise NotImplementedError

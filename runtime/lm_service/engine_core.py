@@ -122,7 +122,7 @@ def run_engine_core(spec: CoreSpec) -> None:
     try:
         loop.run()  # returns when closed, or when a step failed (the engine is then broken)
         if loop.error is not None:  # the loop logged it with its traceback; the replica ends every stream
-            events.send(CoreDead("the engine step failed (the engine-core log has the details)"))
+            events.send(CoreDead("the engine step failed; the engine-core process's log has the details"))
     finally:
         inbox.close()
         loop.close()

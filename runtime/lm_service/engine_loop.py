@@ -10,6 +10,7 @@ engine-core process.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -22,7 +23,11 @@ from runtime.lm_service.engine import Engine, EngineStats
 from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import ErrorKind, RequestOutput
 
+log = logging.getLogger(__name__)
+
 Deliver = Callable[[list[RequestOutput]], None]
+# What a request hears when the step loop broke under it: the traceback is in this process's log.
+STEP_FAILED = "the engine step failed; the LM replica's log has the details"
 
 
 def error_output(request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> RequestOutput:
@@ -93,8 +98,10 @@ class EngineLoop:
                     self._apply_commands()
                     outputs = self.engine.step()
                 except Exception as e:  # the group or the model is broken: fail everything, stop
+                    log.exception("the engine step failed; the engine stops and fails its %d live requests",
+                                  len(self.engine.states))
                     self.error = e
-                    outputs = self.engine.fail_all(f"engine step failed: {e}")
+                    outputs = self.engine.fail_all(STEP_FAILED)
                 ran = self.engine.steps_run > steps_before
                 self._refresh_stats()
             if outputs:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +20,8 @@ from typing import Any
 
 from runtime.protocol import EncodeError, EncodeRequest, ErrorKind, ImagePayload
 from runtime.transport import EmbeddingSender
+
+log = logging.getLogger(__name__)
 
 # (request_id, message, error kind) -> the engine fails the request
 FailRequest = Callable[[str, str, ErrorKind], None]
@@ -109,11 +112,14 @@ class VisionClient:
             sender = accepted.sender
         except TimeoutError:
             self._counts["encode_failures"] += 1
+            log.warning("%s: the vision pool did not answer within %s s", request_id, self.config.encode_timeout_s)
             self.fail(request_id, f"the vision pool did not answer within {self.config.encode_timeout_s} s",
                       ErrorKind.TIMEOUT)
-        except Exception as e:  # the vision replica died or refused: this request fails, others go on
+        except Exception:  # the vision replica died or refused: this request fails, others go on
             self._counts["encode_failures"] += 1
-            self.fail(request_id, f"the vision pool failed: {type(e).__name__}: {e}", ErrorKind.INTERNAL)
+            log.exception("%s: the encode call to the vision pool failed", request_id)
+            self.fail(request_id, "the vision pool failed to encode the request's images; the LM replica's log "
+                                  "has the details", ErrorKind.INTERNAL)
         finally:
             self._encode_done(request_id, sender)
         if sender is not None:
@@ -142,6 +148,8 @@ class VisionClient:
     def _lost(self, request_id: str, lost: list[int]) -> None:
         if lost:
             self._counts["arrival_timeouts"] += 1
+            log.warning("%s: embeddings of image(s) %s did not arrive within %s s", request_id, lost,
+                        self.config.arrival_timeout_s)
             self.fail(request_id, f"embeddings of image(s) {lost} did not arrive within "
                                   f"{self.config.arrival_timeout_s} s of being sent", ErrorKind.TIMEOUT)
 

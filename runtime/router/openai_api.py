@@ -56,7 +56,11 @@ def kind_error(kind: ErrorKind | None, message: str) -> ApiError:
 
 
 def engine_error(out: RequestOutput) -> ApiError:
-    return kind_error(out.error_type, out.error or "the request failed")
+    """An INTERNAL error names the request, so that an operator finds its lines in the logs."""
+    message = out.error or "the request failed"
+    if (out.error_type or ErrorKind.INTERNAL) == ErrorKind.INTERNAL:
+        message += f"; request id {out.request_id}"
+    return kind_error(out.error_type, message)
 
 
 # --- reasoning -----------------------------------------------------------------------------------

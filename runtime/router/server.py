@@ -55,8 +55,21 @@ async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
 # Module-level helpers go above the deployment class: Serve pickles the class when it is decorated.
 
 
-class _ReplicaLost(Exception):
-    """The LM replica failed before it produced anything: the request may be retried elsewhere."""
+class _LMFailed(Exception):
+    """The LM stream failed; `retryable`: before it produced anything (another replica may serve it)."""
+
+    def __init__(self, retryable: bool):
+        super().__init__("the LM replica failed " + ("before answering" if retryable else "while answering"))
+        self.retryable = retryable
+
+
+def _internal_error(request_id: str, e: BaseException) -> api.ApiError:
+    """Serving failed on our side: the traceback goes to the router's log, and the client hears what
+    failed and the request id that finds it there, never the exception's own text."""
+    log.error("%s: failed", request_id, exc_info=e)
+    what = "the LM replica serving it failed" if isinstance(e, _LMFailed) else "the router failed"
+    return api.ApiError(500, f"request {request_id} failed: {what}; the server's log has the details",
+                        "server_error")
 
 
 @dataclasses.dataclass
@@ -213,6 +226,7 @@ class Router:
         try:
             await asyncio.wait_for(asyncio.gather(self.lm.ping.remote(), self.vision.ping.remote()), 5.0)
         except Exception as e:
+            log.warning("health check failed", exc_info=True)
             return JSONResponse(api.error_body(f"not ready: {type(e).__name__}", "service_unavailable"), 503)
         return JSONResponse({"status": "ok"})
 
@@ -284,6 +298,11 @@ class Router:
     def _error(self, error: api.ApiError) -> Response:
         self.telemetry.count(error.status)
         return JSONResponse(error.body(), error.status, headers=error.headers)
+
+    def _timed_out(self, request_id: str) -> api.ApiError:
+        timeout = self.config.limits.request_timeout_s
+        log.warning("%s: timed out after %s s", request_id, timeout)
+        return api.ApiError(504, f"request timed out after {timeout} s", "timeout_error")
 
     # --- preparing -----------------------------------------------------------------------------
 
@@ -396,11 +415,10 @@ class Router:
                 yield api.sse(event | {"index": index} if many else event)
         except TimeoutError:
             failed = True
-            yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
-                                         "timeout_error", code=504))
+            yield api.sse(self._timed_out(plan.request_id).body())
         except Exception as e:
             failed = True
-            yield api.sse(api.error_body(f"{type(e).__name__}: {e}", "server_error", code=500))
+            yield api.sse(_internal_error(plan.request_id, e).body())
         if not failed:
             timer.finish()
         self.telemetry.count(500 if failed else 200)
@@ -481,9 +499,11 @@ class Router:
                         async for out in self._attempt(gen):
                             yield out
                         return
-                    except _ReplicaLost as e:
-                        if attempt == 1:
-                            raise RuntimeError(f"the LM replica failed: {e.__cause__}") from e
+                    except _LMFailed as e:
+                        if attempt == 1 or not e.retryable:
+                            raise
+                        log.warning("%s: the LM replica failed before answering; trying again", gen.request_id,
+                                    exc_info=True)
         finally:
             self._in_flight -= 1
 
@@ -497,9 +517,7 @@ class Router:
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
-            if produced:
-                raise
-            raise _ReplicaLost(str(e)) from e
+            raise _LMFailed(retryable=not produced) from e
         finally:
             stream.cancel()  # a no-op when it finished; otherwise the LM replica aborts the request
 
@@ -521,7 +539,7 @@ class Router:
                     started[index].set()
                     queue.put_nowait((index, out))
                 queue.put_nowait((index, None))
-            except Exception as e:
+            except Exception as e:  # not swallowed: re-raised to the reader, which logs it
                 queue.put_nowait((index, e))
             finally:
                 started[index].set()
@@ -548,12 +566,9 @@ class Router:
                 timer.tokens(len(out.token_ids))
                 dones[index].add(out)
         except TimeoutError:
-            log.warning("request %s timed out", plan.request_id, exc_info=True)
-            return self._error(api.ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s",
-                                            "timeout_error"))
+            return self._error(self._timed_out(plan.request_id))
         except Exception as e:
-            log.exception("request %s failed", plan.request_id)
-            return self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
+            return self._error(_internal_error(plan.request_id, e))
         for done in dones:
             assert done.last is not None
             if done.last.finish_reason == "error":
@@ -602,11 +617,10 @@ class Router:
                 yield api.sse(api.with_routed_experts(self._chunk(rid, created, index, out, opts, streams[index]), out))
         except TimeoutError:
             failed = True
-            yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
-                                         "timeout_error", code=504))
+            yield api.sse(self._timed_out(plan.request_id).body())
         except Exception as e:
             failed = True
-            yield api.sse(api.error_body(f"{type(e).__name__}: {e}", "server_error", code=500))
+            yield api.sse(_internal_error(plan.request_id, e).body())
         lasts = [s.last for s in streams if s.last is not None]
         if not failed and len(lasts) == len(streams):
             timer.finish()

@@ -130,7 +130,8 @@ def test_routed_experts_wire_format_round_trips() -> None:
 def test_each_error_kind_becomes_one_status_and_type(kind, status, kind_name) -> None:
     error = engine_error(RequestOutput("r", [], "", True, "error", "why", error_type=kind))
     assert (error.status, error.type) == (status, kind_name)
-    assert error.body() == {"error": {"message": "why", "type": kind_name, "param": None, "code": status}}
+    message = "why; request id r" if status == 500 else "why"  # an operator finds our failures by the id
+    assert error.body() == {"error": {"message": message, "type": kind_name, "param": None, "code": status}}
     assert error.headers == ({"Retry-After": "5"} if status == 503 else {})
 
 
