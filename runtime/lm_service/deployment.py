@@ -144,7 +144,7 @@ class LMService:
         except BaseException:  # nothing was admitted; the caller hears the error (a dead engine: it retries)
             self.vision.forget(rid)
             raise
-        log.info("%s: admitted: %d prompt tokens, %d images", rid, len(request.prompt_ids), len(request.images))
+        log.info("%s: admitted: %d prompt tokens, %d image(s)", rid, len(request.prompt_ids), len(request.images))
         started, last = time.perf_counter(), None
         try:
             if request.images:
