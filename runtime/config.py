@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from runtime.checkpoint.tokenizer_loader import check_tokenizer_code
 from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.vision_client import VisionClientConfig
+from runtime.logs import LogLevel
 from runtime.requests import RequestLimits
 from runtime.vision_service.encoder import VisionConfig
 from runtime.vision_service.preprocess import ImageLimits
@@ -122,6 +123,9 @@ class AppConfig(_Section):
         description="host:port of a SOCKS5 proxy that every embedding and release push connects through "
                     "(a firewalled cluster; tests/multinode's slow, lossy wire)")
     api_key: str | None = None
+    log_level: LogLevel = Field(
+        "INFO", description="of the runtime's lines in every replica's log (INFO: a line per request admitted "
+                            "and ended, replica starts, failures; DEBUG adds more; WARNING: failures only)")
     engine: EngineArgs = EngineArgs()
     vision: VisionArgs = VisionArgs()
     limits: LimitArgs = LimitArgs()
@@ -136,6 +140,11 @@ class AppConfig(_Section):
             raise ValueError(f"{v!r} is not a checkpoint directory (no config.json); use 'tiny' for the "
                              "embedded default")
         return v
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _level_in_capitals(cls, v: Any) -> Any:
+        return v.upper() if isinstance(v, str) else v
 
     @field_validator("served_model_name", mode="before")
     @classmethod

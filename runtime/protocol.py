@@ -8,9 +8,31 @@ travel inside a Struct; they go as raw frames next to a header (see the vision t
 from __future__ import annotations
 
 import base64
+import enum
 from typing import Any
 
 import msgspec
+
+
+class ErrorKind(enum.StrEnum):
+    """Why something failed, as every message that carries an error names it. The router alone
+    turns a kind into an HTTP status and an OpenAI error type (runtime.router.openai_api.ERRORS).
+    A StrEnum: it travels as its value, and compares equal to it."""
+
+    INVALID_REQUEST = "invalid_request"  # the client's fault: nothing can make this request run
+    INVALID_IMAGE = "invalid_image"  # an image that cannot be decoded, or not the one the router measured
+    IMAGE_TOO_LARGE = "image_too_large"  # an image over the pixel limit, or larger than the whole cache
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"  # the LM replica sleeps (runtime.lm_service.admin): retry later
+    INTERNAL = "internal"  # our fault: the log of the replica that failed has the details
+
+    def of_request(self) -> ErrorKind:
+        """The kind a request ends with when one of its images fails this way: a bad image makes
+        a bad request (the message names the image)."""
+        return ErrorKind.INVALID_REQUEST if self in _CLIENT_IMAGE_KINDS else self
+
+
+_CLIENT_IMAGE_KINDS = frozenset({ErrorKind.INVALID_IMAGE, ErrorKind.IMAGE_TOO_LARGE})
 
 
 class TokenLogprob(msgspec.Struct, tag="token_logprob", frozen=True):
@@ -97,9 +119,8 @@ class RequestOutput(msgspec.Struct, tag="request_output"):
     prompt_tokens: int = 0
     completion_tokens: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache
-    # With finish_reason "error": "invalid_request" (the client's fault: a bad image), "timeout",
-    # or "internal".
-    error_type: str | None = None
+    # With finish_reason "error": why (a bad image ends its request as INVALID_REQUEST).
+    error_type: ErrorKind | None = None
     # On the request's first output when SamplingParams.prompt_logprobs is set: one entry per
     # prompt position 1..n-1 (position 0 has no logprob).
     prompt_logprobs: list[TokenLogprob] | None = None
@@ -128,7 +149,7 @@ class EncodeError(msgspec.Struct, tag="encode_error", frozen=True):
     request_id: str
     image_index: int
     message: str
-    error_type: str  # "invalid_image" | "image_too_large" | "internal"
+    error_type: ErrorKind  # INVALID_IMAGE, IMAGE_TOO_LARGE or INTERNAL
     sender: str
 
 
@@ -223,13 +244,13 @@ class AdminCall(msgspec.Struct, tag="admin_call", frozen=True):
 
 
 class AdminResult(msgspec.Struct, tag="admin_result", frozen=True):
-    """How an operation ended on one replica. error_type: "invalid_request" (the client's fault: a
-    checkpoint that does not fit) or "internal"."""
+    """How an operation ended on one replica. error_type: INVALID_REQUEST (the client's fault: a
+    checkpoint that does not fit) or INTERNAL."""
 
     replica: str = ""
     ok: bool = True
     error: str | None = None
-    error_type: str | None = None
+    error_type: ErrorKind | None = None
     aborted: int = 0  # requests ended by this operation
     sleep_level: int = 0
     weights_version: int = 0
@@ -253,7 +274,7 @@ class CoreAbort(msgspec.Struct, tag="core_abort", frozen=True):
 class CoreFail(msgspec.Struct, tag="core_fail", frozen=True):
     request_id: str
     message: str
-    error_type: str
+    error_type: ErrorKind
 
 
 class CoreWhenMissing(msgspec.Struct, tag="core_when_missing", frozen=True):

@@ -9,6 +9,7 @@ embeddings, the tensor's raw bytes, sent without a copy and wrapped on arrival w
 
 from __future__ import annotations
 
+import logging
 import math
 import socket
 import threading
@@ -21,8 +22,9 @@ import torch
 import zmq
 
 from runtime.models.common import DTYPES
-from runtime.protocol import EmbeddingHeader, EncodeError, ReleaseRequest, VisionMessage
+from runtime.protocol import EmbeddingHeader, EncodeError, ErrorKind, ReleaseRequest, VisionMessage
 
+log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(VisionMessage)
 _release_decoder = msgspec.msgpack.Decoder(ReleaseRequest)
@@ -107,7 +109,8 @@ class EmbeddingSender:
             if tracker is not None:
                 self._in_flight.append(tracker)
 
-    def send_error(self, address: str, request_id: str, image_index: int, message: str, error_type: str) -> None:
+    def send_error(self, address: str, request_id: str, image_index: int, message: str,
+                   error_type: ErrorKind) -> None:
         error = EncodeError(request_id, image_index, message, error_type, self.sender_id)
         with self._lock:
             self._socket(address).send(_encoder.encode(error))
@@ -181,6 +184,7 @@ class _PullLoop:
                 self._handle(frames)
             except (msgspec.DecodeError, ValueError, KeyError):
                 self.malformed += 1
+                log.warning("%s: a malformed message was dropped", self.address, exc_info=True)
 
     def _handle(self, frames: list[zmq.Frame]) -> None:
         raise NotImplementedError

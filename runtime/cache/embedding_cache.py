@@ -100,7 +100,7 @@ class EmbeddingCache(Generic[V]):
         self._in_flight[key] = future
         try:
             value = await compute()
-        except BaseException as e:
+        except BaseException as e:  # not swallowed: the waiters and the caller (which logs it) hear it
             future.set_exception(e)
             future.exception()  # retrieved here, so a future nobody awaited does not warn
             raise

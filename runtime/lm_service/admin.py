@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 from runtime.errors import CheckpointError
 from runtime.lm_service.engine_loop import EngineLoop
-from runtime.protocol import AdminAbort, AdminOp, AdminResult, AdminSleep, AdminUpdateWeights, AdminWake
+from runtime.protocol import AdminAbort, AdminOp, AdminResult, AdminSleep, AdminUpdateWeights, AdminWake, ErrorKind
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +58,11 @@ class EngineAdmin:
                 engine.load_weights(op.path, op.version)
         except (CheckpointError, OSError, ValueError) as e:  # the checkpoint does not fit: nothing changed
             log.warning("admin %s refused: %s", type(op).__name__, e)
-            reply(self._result(started, aborted, f"{type(e).__name__}: {e}", "invalid_request"))
+            reply(self._result(started, aborted, f"{type(e).__name__}: {e}", ErrorKind.INVALID_REQUEST))
             return
         except Exception as e:
             log.exception("admin %s failed", type(op).__name__)
-            reply(self._result(started, aborted, f"{type(e).__name__}: {e}", "internal"))
+            reply(self._result(started, aborted, f"{type(e).__name__}: {e}", ErrorKind.INTERNAL))
             return
         log.info("admin %s done in %.3f s", type(op).__name__, time.perf_counter() - started)
         reply(self._result(started, aborted))
@@ -74,7 +74,7 @@ class EngineAdmin:
         return len(outputs)
 
     def _result(self, started: float, aborted: int = 0, error: str | None = None,
-                error_type: str | None = None) -> AdminResult:
+                error_type: ErrorKind | None = None) -> AdminResult:
         engine = self.loop.engine
         return AdminResult(ok=error is None, error=error, error_type=error_type, aborted=aborted,
                            sleep_level=engine.sleep_level, weights_version=engine.weights_version,

@@ -20,7 +20,7 @@ from runtime.lm_service.admin import EngineAdmin, reply_on
 from runtime.lm_service.engine import Engine, EngineStats
 from runtime.lm_service.engine_loop import EngineDeadError, EngineLoop
 from runtime.lm_service.request_state import EngineRequest
-from runtime.protocol import AdminOp, AdminResult, RequestOutput
+from runtime.protocol import AdminOp, AdminResult, ErrorKind, RequestOutput
 
 __all__ = ["AsyncEngine", "EngineDeadError", "OutputStreams", "merge_outputs"]
 
@@ -144,7 +144,7 @@ class AsyncEngine:
     def add_embeddings(self, request_id: str, image_index: int, tensor: torch.Tensor) -> None:
         self.loop.add_embeddings(request_id, image_index, tensor)
 
-    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
+    def fail(self, request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> None:
         self.loop.fail(request_id, message, error_type)
 
     def when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:

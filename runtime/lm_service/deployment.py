@@ -15,7 +15,9 @@ health check fails and the request router skips the replica until Serve replaces
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from typing import Any
@@ -25,7 +27,7 @@ import ray
 import torch
 from ray import serve
 
-from runtime import serve_compat
+from runtime import logs, serve_compat
 from runtime.errors import RequestError
 from runtime.lm_service.admin import Admission
 from runtime.lm_service.async_engine import AsyncEngine
@@ -36,17 +38,29 @@ from runtime.lm_service.loading import build_engine
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, encode_failure
-from runtime.protocol import AdminCall, AdminResult, GenerateRequest, RequestOutput
+from runtime.protocol import AdminCall, AdminResult, ErrorKind, GenerateRequest, RequestOutput
 from runtime.stats_board import Reporter, board, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
 from runtime.vision_service.encoder import image_key
 from runtime.vision_service.preprocess import load_processor_config
+
+log = logging.getLogger(__name__)
 
 
 def _current_weights(app_name: str) -> tuple[str, int] | None:
     """(path, version) of the weights the admin endpoints last loaded into the pool, if any."""
     state = ray.get(board(app_name).admin_state.remote(), timeout=30)
     return (state["weights_path"], state["weights_version"]) if state["weights_version"] else None
+
+
+def _log_end(request_id: str, last: RequestOutput | None, seconds: float) -> None:
+    if last is None or not last.finished:
+        log.info("%s: the caller left after %.3f s; aborted", request_id, seconds)
+    elif last.finish_reason == "error":
+        log.warning("%s: failed after %.3f s (%s): %s", request_id, seconds, last.error_type, last.error)
+    else:
+        log.info("%s: finished (%s) after %.3f s: %d prompt tokens (%d cached), %d completion tokens", request_id,
+                 last.finish_reason, seconds, last.prompt_tokens, last.cached_tokens, last.completion_tokens)
 
 
 @serve.deployment(name="LMService", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=256,
@@ -57,7 +71,8 @@ class LMService:
     def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
                  host: str | None = None, vision_client: dict[str, Any] | None = None,
                  rank_resources: dict[str, float] | None = None, engine_process: bool = False,
-                 proxy: str | None = None):
+                 proxy: str | None = None, log_level: logs.LogLevel = "INFO"):
+        logs.to_serve(log_level)
         serve_compat.apply_in_replica()
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
@@ -89,10 +104,20 @@ class LMService:
         self.admission = Admission()
         self.replica = context.replica_id.unique_id
         self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)
+        self._log_ready(weights)
+
+    def _log_ready(self, weights: tuple[str, int] | None) -> None:
+        c = self.config
+        where = f"process {self.engine.pid}" if isinstance(self.engine, EngineClient) else "thread"
+        log.info("LM replica %s ready: model %s (weights version %d), engine in a %s, %s on %s, ep_size %d, KV cache "
+                 "%d MiB in blocks of %d, up to %d sequences and %d batched tokens; embeddings arrive at %s",
+                 self.replica, self.model_dir, weights[1] if weights else 0, where, c.dtype, c.device, c.ep_size,
+                 c.kv_cache_bytes // 2**20, c.block_size, c.max_num_seqs, c.max_num_batched_tokens,
+                 self.vision.reply_to)
 
     # --- what the vision client asks of the engine ---------------------------------------------
 
-    def _fail(self, request_id: str, message: str, error_type: str) -> None:
+    def _fail(self, request_id: str, message: str, error_type: ErrorKind) -> None:
         self.engine.fail(request_id, message, error_type)
 
     def _when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:
@@ -103,7 +128,8 @@ class LMService:
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
         rid = request.request_id
         if (refusal := await self.admission.enter()) is not None:  # waits while an admin operation runs
-            yield error_output(rid, refusal, "unavailable")
+            log.info("%s: refused: %s", rid, refusal)
+            yield error_output(rid, refusal, ErrorKind.UNAVAILABLE)
             return
         keys = request.image_keys or [image_key(i.data, self.processor, self.model_dir, self.config.dtype)
                                       for i in request.images]
@@ -112,24 +138,29 @@ class LMService:
         try:
             stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, tuple(keys)))
         except RequestError as e:
+            log.info("%s: refused: %s", rid, e)
             self.vision.forget(rid)
-            yield error_output(rid, str(e), "invalid_request")
+            yield error_output(rid, str(e), ErrorKind.INVALID_REQUEST)
             return
-        except BaseException:
+        except BaseException:  # nothing was admitted; the caller hears the error (a dead engine: it retries)
             self.vision.forget(rid)
             raise
+        log.info("%s: admitted: %d prompt tokens, %d image(s)", rid, len(request.prompt_ids), len(request.images))
+        started, last = time.perf_counter(), None
         try:
             if request.images:
                 self.vision.encode(rid)
             async for out in stream:
+                last = out
                 yield out
         finally:
             self.engine.abort(rid)  # a no-op when it finished; frees everything when the caller left
+            _log_end(rid, last, time.perf_counter() - started)
 
     async def admin(self, call: AdminCall) -> AdminResult:
         """One admin operation on this replica's engine (the router sends one to every replica)."""
         if call.replica != self.replica:
-            return AdminResult(self.replica, False, f"meant for replica {call.replica}", "internal")
+            return AdminResult(self.replica, False, f"meant for replica {call.replica}", ErrorKind.INTERNAL)
         result = await self.admission.run(call.op, self.engine.admin)
         return msgspec.structs.replace(result, replica=self.replica)
 

@@ -29,7 +29,7 @@ from runtime.lm_service.weights import drop_weights, reload_language_model
 from runtime.models.common import DTYPES
 from runtime.models.config import ModelConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
-from runtime.protocol import RequestOutput
+from runtime.protocol import ErrorKind, RequestOutput
 
 
 @dataclass(frozen=True)
@@ -218,7 +218,7 @@ class Engine:
         self._release(state)
         return state.output([], "", "abort")
 
-    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
+    def fail(self, request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> None:
         """End a request with an error (delivered by the next step)."""
         state = self.states.get(request_id)
         if state is not None:

@@ -25,6 +25,7 @@ import msgspec
 import torch
 import zmq
 
+from runtime import logs
 from runtime.lm_service.admin import reply_on
 from runtime.lm_service.async_engine import OutputStreams
 from runtime.lm_service.engine import EngineConfig, EngineHooks, EngineStats
@@ -50,6 +51,7 @@ from runtime.protocol import (
     CoreShutdown,
     CoreStats,
     CoreWhenMissing,
+    ErrorKind,
     RequestOutput,
 )
 
@@ -79,7 +81,8 @@ class EngineClient:
         self._context = zmq.Context()
         self._commands = self._bind(zmq.PUSH)
         self._events = self._bind(zmq.PULL)
-        spec = CoreSpec(model_dir, config, _address(self._commands), _address(self._events), inbox_host, weights)
+        spec = CoreSpec(model_dir, config, _address(self._commands), _address(self._events), inbox_host, weights,
+                        logs.level())
         self.process = mp.get_context("spawn").Process(target=run_engine_core, args=(spec,), daemon=True,
                                                        name="engine-core")
         self.process.start()
@@ -130,7 +133,7 @@ class EngineClient:
         if request_id in self._live:
             self._send(CoreAbort(request_id))
 
-    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
+    def fail(self, request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> None:
         self._send(CoreFail(request_id, message, error_type))
 
     def when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:

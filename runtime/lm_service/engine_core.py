@@ -12,6 +12,7 @@ Vision replicas push embeddings straight into this process's own inbox (its addr
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -22,6 +23,7 @@ import msgspec
 import torch
 import zmq
 
+from runtime import logs
 from runtime.lm_service.admin import EngineAdmin
 from runtime.lm_service.engine import EngineConfig, EngineHooks, EngineStats
 from runtime.lm_service.engine_loop import EngineLoop
@@ -50,6 +52,7 @@ from runtime.protocol import (
 )
 from runtime.transport import EmbeddingInbox
 
+log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()
 _command_decoder = msgspec.msgpack.Decoder(CoreCommand)
 
@@ -65,6 +68,7 @@ class CoreSpec:
     events: str
     inbox_host: str
     weights: tuple[str, int] | None = None  # (checkpoint, version) replacing model_dir's weights
+    log_level: int = logging.INFO  # the replica's (runtime.logs.level)
 
 
 class _Events:
@@ -82,6 +86,7 @@ class _Events:
 
 def run_engine_core(spec: CoreSpec) -> None:
     """Process entry point: load the engine, announce the inbox, step until told to stop."""
+    logs.to_stderr(spec.log_level)
     torch.set_num_threads(spec.config.threads_per_rank)
     threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True, name="core-watchdog").start()
     context = zmq.Context()
@@ -94,7 +99,8 @@ def run_engine_core(spec: CoreSpec) -> None:
         engine = build_engine(spec.model_dir, spec.config, hooks)
         if spec.weights is not None:
             engine.load_weights(*spec.weights)
-    except BaseException as e:
+    except BaseException as e:  # the replica's constructor raises this message: Serve shows it to the operator
+        log.exception("the engine failed to load %s", spec.model_dir)
         events.send(CoreDead(f"the engine failed to load: {type(e).__name__}: {e}"))
         raise
     inbox: EmbeddingInbox | None = None
@@ -116,8 +122,8 @@ def run_engine_core(spec: CoreSpec) -> None:
     events.send(CoreReady(inbox.address, os.getpid()))
     try:
         loop.run()  # returns when closed, or when a step failed (the engine is then broken)
-        if loop.error is not None:
-            events.send(CoreDead(f"engine step failed: {loop.error}"))
+        if loop.error is not None:  # the loop logged it with its traceback; the replica ends every stream
+            events.send(CoreDead("the engine step failed; the engine-core process's log has the details"))
     finally:
         inbox.close()
         loop.close()

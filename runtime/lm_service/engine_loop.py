@@ -10,6 +10,7 @@ engine-core process.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -20,12 +21,16 @@ import torch
 from runtime.errors import RequestError
 from runtime.lm_service.engine import Engine, EngineStats
 from runtime.lm_service.request_state import EngineRequest
-from runtime.protocol import RequestOutput
+from runtime.protocol import ErrorKind, RequestOutput
+
+log = logging.getLogger(__name__)
 
 Deliver = Callable[[list[RequestOutput]], None]
+# What a request hears when the step loop broke under it: the traceback is in this process's log.
+STEP_FAILED = "the engine step failed; the LM replica's log has the details"
 
 
-def error_output(request_id: str, message: str, error_type: str = "internal") -> RequestOutput:
+def error_output(request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> RequestOutput:
     """The last output of a request that ended with an error."""
     return RequestOutput(request_id, [], "", True, "error", message, error_type=error_type)
 
@@ -60,7 +65,7 @@ class EngineLoop:
     def add_embeddings(self, request_id: str, image_index: int, tensor: torch.Tensor) -> None:
         self.command(lambda: self.engine.add_embeddings(request_id, image_index, tensor))
 
-    def fail(self, request_id: str, message: str, error_type: str = "internal") -> None:
+    def fail(self, request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> None:
         self.command(lambda: self.engine.fail(request_id, message, error_type))
 
     def abort(self, request_id: str) -> None:
@@ -93,8 +98,10 @@ class EngineLoop:
                     self._apply_commands()
                     outputs = self.engine.step()
                 except Exception as e:  # the group or the model is broken: fail everything, stop
+                    log.exception("the engine step failed; the engine stops and fails its %d live requests",
+                                  len(self.engine.states))
                     self.error = e
-                    outputs = self.engine.fail_all(f"engine step failed: {e}")
+                    outputs = self.engine.fail_all(STEP_FAILED)
                 ran = self.engine.steps_run > steps_before
                 self._refresh_stats()
             if outputs:
@@ -124,13 +131,13 @@ class EngineLoop:
 
     def _admit(self, request: EngineRequest, embeddings: Sequence[tuple[int, torch.Tensor]]) -> None:
         if self.engine.sleep_level:  # the replica's door refuses first; this covers direct callers
-            self.deliver([error_output(request.request_id, "the engine is asleep", "unavailable")])
+            self.deliver([error_output(request.request_id, "the engine is asleep", ErrorKind.UNAVAILABLE)])
             self.engine.hooks.released(request.request_id)
             return
         try:
             self.engine.add_request(request)
         except RequestError as e:  # it can never run: the first output says why, and nothing is held
-            self.deliver([error_output(request.request_id, str(e), "invalid_request")])
+            self.deliver([error_output(request.request_id, str(e), ErrorKind.INVALID_REQUEST)])
             self.engine.hooks.released(request.request_id)
             return
         for index, tensor in embeddings:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import multiprocessing as mp
 import os
 from collections.abc import Callable
@@ -27,6 +28,8 @@ from torch import nn
 from runtime.errors import CheckpointError
 from runtime.models.deepseek_v3 import DeepseekV3LM, MoE
 from runtime.models.experts import ExpertBank
+
+log = logging.getLogger(__name__)
 
 STOP, FORWARD, LOAD, DROP = 0, 1, 2, 3  # the first header field of each round
 _TEXT_WIDTH = 512  # bytes of an error message gathered from each rank
@@ -172,6 +175,7 @@ class ExpertGroup:
         try:
             lm = load_local(expert_range(n_experts, size, 0))
         except Exception as e:  # the other ranks still wait for this round's verdict
+            log.exception("expert-parallel rank 0 could not load %s", model_dir)
             failure = e
         errors = self.comm.allgather_text("" if failure is None else f"{type(failure).__name__}: {failure}", size)
         commit = all(not e for e in errors)
@@ -265,7 +269,8 @@ def _reload(comm: _Collectives, layers: list[ExpertBank], path_len: int, reload:
     error = ""
     try:
         new = reload(path)
-    except Exception as e:
+    except Exception as e:  # rank 0 hears it, names this rank, and every rank keeps its old weights
+        log.exception("an expert-parallel rank could not load %s", path)
         error = f"{type(e).__name__}: {e}"
     comm.allgather_text(error, size)
     commit = int(comm.broadcast(torch.zeros(2, dtype=torch.long))[0])

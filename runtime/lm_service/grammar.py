@@ -85,7 +85,8 @@ class GrammarBook:
         try:
             template = llguidance.LLMatcher(tokenizer, grammar_text(spec), log_level=0)
             error = template.get_error() if template.is_error() else None
-        except Exception as e:  # the router checked the spec; a caller that did not is told here
+        except Exception as e:  # the client's grammar, not our fault: the client is told what is wrong with it
+            log.debug("structured output (%s) does not compile", spec.kind, exc_info=True)
             error = f"{type(e).__name__}: {e}"
         if error is not None:
             raise RequestError(f"structured output ({spec.kind}) does not compile: {error}")
@@ -98,6 +99,6 @@ class GrammarBook:
         try:
             return llguidance.hf.from_tokenizer(tokenizer, n_vocab=self.vocab_size,
                                                 eos_token=list(self.eos_token_ids) or None), ""
-        except Exception as e:  # a tokenizer llguidance cannot read: serve, but without structured output
-            log.warning("structured output is unavailable: llguidance cannot use the tokenizer (%s)", e)
-            return None, f"structured output is unavailable on this engine: {type(e).__name__}: {e}"
+        except Exception:  # a tokenizer llguidance cannot read: serve, but without structured output
+            log.warning("structured output is unavailable: llguidance cannot use the tokenizer", exc_info=True)
+            return None, "structured output is unavailable on this engine: llguidance cannot use its tokenizer"

@@ -15,7 +15,7 @@ import torch
 from runtime.lm_service.detokenize import IncrementalDetokenizer
 from runtime.lm_service.sampling import choose, new_generator, suppress, token_logprobs
 from runtime.lm_service.scheduler import Sequence
-from runtime.protocol import ExpertRouting, RequestOutput, TokenLogprob
+from runtime.protocol import ErrorKind, ExpertRouting, RequestOutput, TokenLogprob
 from runtime.requests import SamplingParams
 
 
@@ -114,7 +114,7 @@ class RequestState:
         with an error if the request's grammar rejects the token, which its mask should prevent)."""
         if self.grammar is not None and not self.grammar.consume_token(token):
             return self.output([], "", "error", error=f"structured output: the grammar rejected token {token} "
-                               f"({self.grammar.get_error().partition(chr(10))[0]})", error_type="internal")
+                               f"({self.grammar.get_error().partition(chr(10))[0]})", error_type=ErrorKind.INTERNAL)
         self.seq.token_ids.append(token)
         logprobs = None
         if self.params.logprobs and logits is not None:
@@ -137,7 +137,7 @@ class RequestState:
 
     def output(self, token_ids: list[int], text: str, reason: str | None,
                logprobs: list[TokenLogprob] | None = None, error: str | None = None,
-               error_type: str | None = None) -> RequestOutput:
+               error_type: ErrorKind | None = None) -> RequestOutput:
         prompt_logprobs, self.prompt_logprobs = self.prompt_logprobs, None
         return RequestOutput(
             request_id=self.request_id,

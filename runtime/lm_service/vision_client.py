@@ -12,28 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from runtime.protocol import EncodeError, EncodeRequest, ImagePayload
+from runtime.protocol import EncodeError, EncodeRequest, ErrorKind, ImagePayload
 from runtime.transport import EmbeddingSender
 
-# (request_id, message, error_type) -> the engine fails the request
-FailRequest = Callable[[str, str, str], None]
+log = logging.getLogger(__name__)
+
+# (request_id, message, error kind) -> the engine fails the request
+FailRequest = Callable[[str, str, ErrorKind], None]
 # (request_id, image indexes, reply) -> the engine calls reply (on any thread) with those of the
 # indexes whose embeddings the request still lacks once everything received so far is applied
 MissingEmbeddings = Callable[[str, list[int], Callable[[list[int]], None]], None]
 
-# Vision errors that are the client's fault (a bad image) rather than ours.
-_CLIENT_IMAGE_ERRORS = {"invalid_image", "image_too_large"}
-
-
-def encode_failure(error: EncodeError) -> tuple[str, str]:
-    """How an image that failed to encode fails its request: (message, error_type)."""
-    kind = "invalid_request" if error.error_type in _CLIENT_IMAGE_ERRORS else "internal"
-    return f"image {error.image_index}: {error.message}", kind
+def encode_failure(error: EncodeError) -> tuple[str, ErrorKind]:
+    """How an image that failed to encode fails its request: (message, error kind)."""
+    return f"image {error.image_index}: {error.message}", ErrorKind(error.error_type).of_request()
 
 
 @dataclass(frozen=True)
@@ -114,11 +112,14 @@ class VisionClient:
             sender = accepted.sender
         except TimeoutError:
             self._counts["encode_failures"] += 1
+            log.warning("%s: the vision pool did not answer within %s s", request_id, self.config.encode_timeout_s)
             self.fail(request_id, f"the vision pool did not answer within {self.config.encode_timeout_s} s",
-                      "timeout")
-        except Exception as e:  # the vision replica died or refused: this request fails, others go on
+                      ErrorKind.TIMEOUT)
+        except Exception:  # the vision replica died or refused: this request fails, others go on
             self._counts["encode_failures"] += 1
-            self.fail(request_id, f"the vision pool failed: {type(e).__name__}: {e}", "internal")
+            log.exception("%s: the encode call to the vision pool failed", request_id)
+            self.fail(request_id, "the vision pool failed to encode the request's images; the LM replica's log "
+                                  "has the details", ErrorKind.INTERNAL)
         finally:
             self._encode_done(request_id, sender)
         if sender is not None:
@@ -147,8 +148,10 @@ class VisionClient:
     def _lost(self, request_id: str, lost: list[int]) -> None:
         if lost:
             self._counts["arrival_timeouts"] += 1
+            log.warning("%s: embeddings of image(s) %s did not arrive within %s s", request_id, lost,
+                        self.config.arrival_timeout_s)
             self.fail(request_id, f"embeddings of image(s) {lost} did not arrive within "
-                                  f"{self.config.arrival_timeout_s} s of being sent", "timeout")
+                                  f"{self.config.arrival_timeout_s} s of being sent", ErrorKind.TIMEOUT)
 
     def request_ended(self, request_id: str) -> None:
         """The engine's released hook (any thread)."""

@@ -16,12 +16,24 @@ serves two versions after the call returns.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from runtime.errors import RequestError
-from runtime.protocol import AdminAbort, AdminCall, AdminOp, AdminResult, AdminSleep, AdminUpdateWeights, AdminWake
+from runtime.protocol import (
+    AdminAbort,
+    AdminCall,
+    AdminOp,
+    AdminResult,
+    AdminSleep,
+    AdminUpdateWeights,
+    AdminWake,
+    ErrorKind,
+)
+
+log = logging.getLogger(__name__)
 
 MODES = ("drain", "abort")
 
@@ -82,11 +94,13 @@ class Outcome:
     def ok(self) -> bool:
         return all(r.ok for r in self.results)
 
-    def status(self) -> int:
-        """200; 400 when a replica refused the client's input; else 500."""
+    def error_kind(self) -> ErrorKind | None:
+        """None when every replica succeeded; INVALID_REQUEST when one refused the client's input
+        (a checkpoint that does not fit); else INTERNAL."""
         if self.ok:
-            return 200
-        return 400 if any(r.error_type == "invalid_request" for r in self.results) else 500
+            return None
+        kinds = {r.error_type for r in self.results if not r.ok}
+        return ErrorKind.INVALID_REQUEST if ErrorKind.INVALID_REQUEST in kinds else ErrorKind.INTERNAL
 
     def first_error(self) -> str:
         failed = next(r for r in self.results if not r.ok)
@@ -116,8 +130,9 @@ class AdminFanOut:
     async def _one(self, replica: str, op: AdminOp) -> AdminResult:
         try:
             return await asyncio.wait_for(self.lm.admin.remote(AdminCall(replica, op)), self.timeout_s)
-        except Exception as e:  # gone, or too slow: say so for this replica
-            return AdminResult(replica, False, f"{type(e).__name__}: {e}", "internal")
+        except Exception as e:  # gone, or too slow: say so for this replica (the caller is an operator)
+            log.warning("admin %s on replica %s failed", type(op).__name__, replica, exc_info=True)
+            return AdminResult(replica, False, f"{type(e).__name__}: {e}", ErrorKind.INTERNAL)
 
     async def update_weights(self, body: dict[str, Any]) -> Outcome:
         """Every replica loads the checkpoint as the next version; if one refuses, those that took

@@ -25,9 +25,9 @@ def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args or {})
     model_dir = str(config.resolve_model_dir())
     vision = VisionService.options(**config.vision_options()).bind(  # type: ignore[attr-defined]
-        model_dir, config.vision_config(), config.host, proxy=config.zmq_proxy)
+        model_dir, config.vision_config(), config.host, proxy=config.zmq_proxy, log_level=config.log_level)
     lm = LMService.options(**config.lm_options()).bind(  # type: ignore[attr-defined]
         model_dir, config.engine_config(), vision, config.host, config.vision_client_config(),
-        config.rank_resources(), config.engine.separate_process, proxy=config.zmq_proxy)
+        config.rank_resources(), config.engine.separate_process, proxy=config.zmq_proxy, log_level=config.log_level)
     return Router.options(**config.router_options()).bind(  # type: ignore[attr-defined]
         config.model_dump(), model_dir, lm, vision)

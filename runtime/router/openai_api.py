@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from runtime.lm_service.detokenize import IncrementalDetokenizer
-from runtime.protocol import RequestOutput, TokenLogprob
+from runtime.protocol import ErrorKind, RequestOutput, TokenLogprob
 
 if TYPE_CHECKING:  # runtime.router.assistant imports this module
     from runtime.router.assistant import AssistantStream
@@ -38,19 +38,29 @@ def error_body(message: str, kind: str, param: str | None = None, code: int | st
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
-# Engine error kinds -> (HTTP status, OpenAI error type) for responses not yet started.
-ENGINE_ERRORS = {
-    "invalid_request": (400, "invalid_request_error"),
-    "timeout": (504, "timeout_error"),
-    "internal": (500, "server_error"),
-    "unavailable": (503, "service_unavailable"),  # the LM replica sleeps (runtime.lm_service.admin)
+# Every error kind -> (HTTP status, OpenAI error type): the one place a kind becomes HTTP.
+ERRORS: dict[ErrorKind, tuple[int, str]] = {
+    ErrorKind.INVALID_REQUEST: (400, "invalid_request_error"),
+    ErrorKind.INVALID_IMAGE: (400, "invalid_request_error"),
+    ErrorKind.IMAGE_TOO_LARGE: (400, "invalid_request_error"),
+    ErrorKind.TIMEOUT: (504, "timeout_error"),
+    ErrorKind.UNAVAILABLE: (503, "service_unavailable"),
+    ErrorKind.INTERNAL: (500, "server_error"),
 }
 
 
+def kind_error(kind: ErrorKind | None, message: str) -> ApiError:
+    """An error of this kind as the client gets it (no kind: INTERNAL). A 503 says when to retry."""
+    status, kind_name = ERRORS[kind or ErrorKind.INTERNAL]
+    return ApiError(status, message, kind_name, headers={"Retry-After": "5"} if status == 503 else {})
+
+
 def engine_error(out: RequestOutput) -> ApiError:
-    status, kind = ENGINE_ERRORS.get(out.error_type or "internal", (500, "server_error"))
-    return ApiError(status, out.error or "the request failed", kind,
-                    headers={"Retry-After": "5"} if status == 503 else {})
+    """An INTERNAL error names the request, so that an operator finds its lines in the logs."""
+    message = out.error or "the request failed"
+    if (out.error_type or ErrorKind.INTERNAL) == ErrorKind.INTERNAL:
+        message += f"; request id {out.request_id}"
+    return kind_error(out.error_type, message)
 
 
 # --- reasoning -----------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from ray import serve
 from starlette.exceptions import HTTPException
 
 from runtime import __version__ as RUNTIME_VERSION
-from runtime import serve_compat
+from runtime import logs, serve_compat
 from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest, RequestOutput
@@ -47,7 +47,7 @@ from runtime.router.metrics import RequestTimer, RouterMetrics, prometheus_text
 from runtime.router.prepare import RequestPreparer
 from runtime.stats_board import board
 
-log = logging.getLogger("ray.serve")
+log = logging.getLogger(__name__)
 
 http = FastAPI(title="kimi-runtime", docs_url=None, redoc_url=None)
 
@@ -63,8 +63,21 @@ async def _openai_http_error(request: Request, exc: HTTPException) -> Response:
 # Module-level helpers go above the deployment class: Serve pickles the class when it is decorated.
 
 
-class _ReplicaLost(Exception):
-    """The LM replica failed before it produced anything: the request may be retried elsewhere."""
+class _LMFailed(Exception):
+    """The LM stream failed; `retryable`: before it produced anything (another replica may serve it)."""
+
+    def __init__(self, retryable: bool):
+        super().__init__("the LM replica failed " + ("before answering" if retryable else "while answering"))
+        self.retryable = retryable
+
+
+def _internal_error(request_id: str, e: BaseException) -> api.ApiError:
+    """Serving failed on our side: the traceback goes to the router's log, and the client hears what
+    failed and the request id that finds it there, never the exception's own text."""
+    log.error("%s: failed", request_id, exc_info=e)
+    what = "the LM replica serving it failed" if isinstance(e, _LMFailed) else "the router failed"
+    return api.ApiError(500, f"request {request_id} failed: {what}; the server's log has the details",
+                        "server_error")
 
 
 @dataclasses.dataclass
@@ -110,8 +123,9 @@ class _ChoiceStream:
 @serve.ingress(http)
 class Router:
     def __init__(self, config: dict[str, Any], model_dir: str, lm: Any, vision: Any):
-        serve_compat.apply_in_replica()
         self.config = AppConfig.model_validate(config)
+        logs.to_serve(self.config.log_level)
+        serve_compat.apply_in_replica()
         self.model = self.config.name
         self.model_dir = model_dir
         self.lm, self.vision = lm, vision
@@ -127,6 +141,10 @@ class Router:
         self.weights_version = 0  # the newest LM weights version seen (runtime.router.admin)
         self.admin = admin.AdminFanOut(lm, self.board, self.config.admin.timeout_s, model_dir)
         self._pool_state: tuple[float, dict[str, Any]] = (0.0, {})  # (when read, the board's admin state)
+        log.info("router ready: model %s served as %s, at most %d requests in flight, timeout %s s, API key %s, "
+                 "admin endpoints %s", model_dir, self.config.served_names, self.config.limits.max_queued_requests,
+                 self.config.limits.request_timeout_s, "on" if self.config.api_key else "off",
+                 "on" if self.config.admin.enabled else "off")
 
     # --- endpoints -----------------------------------------------------------------------------
 
@@ -219,6 +237,7 @@ class Router:
         try:
             await asyncio.wait_for(asyncio.gather(self.lm.ping.remote(), self.vision.ping.remote()), 5.0)
         except Exception as e:
+            log.warning("health check failed", exc_info=True)
             return JSONResponse(api.error_body(f"not ready: {type(e).__name__}", "service_unavailable"), 503)
         return JSONResponse({"status": "ok"})
 
@@ -291,6 +310,11 @@ class Router:
     def _error(self, error: api.ApiError) -> Response:
         self.telemetry.count(error.status)
         return JSONResponse(error.body(), error.status, headers=error.headers)
+
+    def _timed_out(self, request_id: str) -> api.ApiError:
+        timeout = self.config.limits.request_timeout_s
+        log.warning("%s: timed out after %s s", request_id, timeout)
+        return api.ApiError(504, f"request timed out after {timeout} s", "timeout_error")
 
     # --- preparing -----------------------------------------------------------------------------
 
@@ -381,11 +405,10 @@ class Router:
                 yield api.sse(event | {"index": index} if many else event)
         except TimeoutError:
             failed = True
-            yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
-                                         "timeout_error", code=504))
+            yield api.sse(self._timed_out(plan.request_id).body())
         except Exception as e:
             failed = True
-            yield api.sse(api.error_body(f"{type(e).__name__}: {e}", "server_error", code=500))
+            yield api.sse(_internal_error(plan.request_id, e).body())
         if not failed:
             timer.finish()
         self.telemetry.count(500 if failed else 200)
@@ -435,8 +458,7 @@ class Router:
             return self._error(api.ApiError(503, "no LM replica is running", "service_unavailable"))
         if not outcome.ok:
             log.warning("admin %s failed: %s", request.url.path, outcome.first_error())
-            error = api.ApiError(outcome.status(), outcome.first_error(),
-                                 "invalid_request_error" if outcome.status() == 400 else "server_error")
+            error = api.kind_error(outcome.error_kind(), outcome.first_error())
             return JSONResponse(error.body() | outcome.body(), error.status)
         if sleeping is not None:
             level = max(r.sleep_level for r in outcome.results) if sleeping else 0
@@ -467,9 +489,11 @@ class Router:
                         async for out in self._attempt(gen):
                             yield out
                         return
-                    except _ReplicaLost as e:
-                        if attempt == 1:
-                            raise RuntimeError(f"the LM replica failed: {e.__cause__}") from e
+                    except _LMFailed as e:
+                        if attempt == 1 or not e.retryable:
+                            raise
+                        log.warning("%s: the LM replica failed before answering; trying again", gen.request_id,
+                                    exc_info=True)
         finally:
             self._in_flight -= 1
 
@@ -483,9 +507,7 @@ class Router:
         except (asyncio.CancelledError, GeneratorExit):
             raise
         except Exception as e:
-            if produced:
-                raise
-            raise _ReplicaLost(str(e)) from e
+            raise _LMFailed(retryable=not produced) from e
         finally:
             stream.cancel()  # a no-op when it finished; otherwise the LM replica aborts the request
 
@@ -507,7 +529,7 @@ class Router:
                     started[index].set()
                     queue.put_nowait((index, out))
                 queue.put_nowait((index, None))
-            except Exception as e:
+            except Exception as e:  # not swallowed: re-raised to the reader, which logs it
                 queue.put_nowait((index, e))
             finally:
                 started[index].set()
@@ -534,12 +556,9 @@ class Router:
                 timer.tokens(len(out.token_ids))
                 dones[index].add(out)
         except TimeoutError:
-            log.warning("request %s timed out", plan.request_id, exc_info=True)
-            return self._error(api.ApiError(504, f"request timed out after {self.config.limits.request_timeout_s} s",
-                                            "timeout_error"))
+            return self._error(self._timed_out(plan.request_id))
         except Exception as e:
-            log.exception("request %s failed", plan.request_id)
-            return self._error(api.ApiError(500, f"{type(e).__name__}: {e}", "server_error"))
+            return self._error(_internal_error(plan.request_id, e))
         for done in dones:
             assert done.last is not None
             if done.last.finish_reason == "error":
@@ -589,11 +608,10 @@ class Router:
                 yield api.sse(api.with_routed_experts(self._chunk(rid, created, index, out, opts, streams[index]), out))
         except TimeoutError:
             failed = True
-            yield api.sse(api.error_body(f"request timed out after {self.config.limits.request_timeout_s} s",
-                                         "timeout_error", code=504))
+            yield api.sse(self._timed_out(plan.request_id).body())
         except Exception as e:
             failed = True
-            yield api.sse(api.error_body(f"{type(e).__name__}: {e}", "server_error", code=500))
+            yield api.sse(_internal_error(plan.request_id, e).body())
         lasts = [s.last for s in streams if s.last is not None]
         if not failed and len(lasts) == len(streams):
             timer.finish()

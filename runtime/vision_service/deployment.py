@@ -10,25 +10,29 @@ replica's event loop, where the cache lives.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from dataclasses import asdict
 from typing import Any
 
 from ray import serve
 
-from runtime import serve_compat
+from runtime import logs, serve_compat
 from runtime.protocol import EncodeAccepted, EncodeRequest
 from runtime.stats_board import Reporter, rss_bytes
 from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
 from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
 
+log = logging.getLogger(__name__)
+
 
 @serve.deployment(name="VisionService", ray_actor_options={"num_cpus": 1})
 class VisionService:
     def __init__(self, model_dir: str, config: dict[str, Any] | None = None, host: str | None = None,
-                 proxy: str | None = None):
+                 proxy: str | None = None, log_level: logs.LogLevel = "INFO"):
         import torch
 
+        logs.to_serve(log_level)
         serve_compat.apply_in_replica()
         self.config = VisionConfig(**(config or {}))
         torch.set_num_threads(1)
@@ -39,6 +43,9 @@ class VisionService:
                                      EmbeddingSender(self.releases.address, proxy=proxy))
         context = serve.get_replica_context()
         self.reporter = Reporter("vision", context.replica_id.unique_id, context.app_name, self._report)
+        log.info("vision replica %s ready: model %s, %s on %s, cache %d MiB, batches of up to %d images; "
+                 "releases at %s", context.replica_id.unique_id, model_dir, self.config.dtype, self.config.device,
+                 self.config.cache_bytes // 2**20, self.config.max_batch, self.releases.address)
 
     def _release_from_thread(self, request_id: str) -> None:
         if self._loop is not None:

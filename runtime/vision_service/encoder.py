@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from runtime.checkpoint.loader import load_vision
 from runtime.errors import ImageError, ImageTooLargeError
 from runtime.models.common import DTYPES
 from runtime.models.config import load_model_config
+from runtime.protocol import ErrorKind
 from runtime.transport import EmbeddingSender
 from runtime.vision_service.preprocess import (
     ImageLimits,
@@ -31,6 +33,10 @@ from runtime.vision_service.preprocess import (
     placeholder_count,
     preprocess,
 )
+
+log = logging.getLogger(__name__)
+# What a request hears when encoding its image failed on our side: the traceback is in our log.
+ENCODE_FAILED = "the vision pool failed to encode this image; the vision replica's log has the details"
 
 
 @dataclass(frozen=True)
@@ -88,7 +94,8 @@ class _Batcher:
                 for (_, _, future), out in zip(batch, outs, strict=True):
                     if not future.done():
                         future.set_result(out)
-            except Exception as e:  # the whole batch failed: every waiter hears why
+            except Exception as e:  # the whole batch failed: every waiter hears why (and logs its request)
+                log.exception("the vision tower failed on a batch of %d images", len(batch))
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(e)
@@ -128,13 +135,16 @@ class VisionEncoder:
         try:
             embeds = await self.cache.get_or_compute(request_id, key, nbytes, lambda: self._compute(image))
         except (EmbeddingTooLargeError, ImageTooLargeError) as e:
-            self.sender.send_error(reply_to, request_id, index, str(e), "image_too_large")
+            log.info("%s: image %d refused: %s", request_id, index, e)
+            self.sender.send_error(reply_to, request_id, index, str(e), ErrorKind.IMAGE_TOO_LARGE)
             return False
         except ImageError as e:
-            self.sender.send_error(reply_to, request_id, index, str(e), "invalid_image")
+            log.info("%s: image %d refused: %s", request_id, index, e)
+            self.sender.send_error(reply_to, request_id, index, str(e), ErrorKind.INVALID_IMAGE)
             return False
-        except Exception as e:  # a bug or a broken tower: this request fails, the replica lives on
-            self.sender.send_error(reply_to, request_id, index, f"{type(e).__name__}: {e}", "internal")
+        except Exception:  # a bug or a broken tower: this request fails, the replica lives on
+            log.exception("%s: image %d failed to encode", request_id, index)
+            self.sender.send_error(reply_to, request_id, index, ENCODE_FAILED, ErrorKind.INTERNAL)
             return False
         self.sender.send_embeddings(reply_to, request_id, index, key, embeds)
         return True

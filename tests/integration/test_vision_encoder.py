@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import queue
 
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 from runtime.checkpoint.loader import load_vision
 from runtime.protocol import EncodeError
 from runtime.transport import EmbeddingInbox
-from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
+from runtime.vision_service.encoder import ENCODE_FAILED, ImageInput, VisionConfig, VisionEncoder
 from runtime.vision_service.preprocess import decode_image, load_processor_config, placeholder_count, preprocess
 from tests.integration.workload import png
 
@@ -107,4 +108,21 @@ def test_bad_images_fail_their_request_alone(checkpoints, setup) -> None:
         tiny_budget.close()
     finally:
         encoder.close()
+    assert encoder.cache.stats().live_references == 0
+
+
+def test_a_broken_tower_fails_the_image_without_its_text_and_logs_the_traceback(setup, caplog) -> None:
+    path, encoder, inbox, got = setup
+
+    def broken(pixels, grids):
+        raise RuntimeError("secret internal detail")
+
+    encoder.tower = broken
+    with caplog.at_level(logging.INFO, logger="runtime"):
+        assert asyncio.run(encoder.encode("r-broken", [_input(path, png(140, 112, seed=3))], inbox.address)) == 0
+    error, = _drain(got, 1)
+    assert isinstance(error, EncodeError) and error.error_type == "internal" and error.message == ENCODE_FAILED
+    assert "secret" not in error.message
+    assert any(r.exc_info and r.getMessage() == "r-broken: image 0 failed to encode" for r in caplog.records)
+    assert "secret internal detail" in caplog.text
     assert encoder.cache.stats().live_references == 0

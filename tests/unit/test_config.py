@@ -49,11 +49,18 @@ def test_placement_resources_join_each_pools_own_options() -> None:
     ({"engine": {"kv_cache_gb": 1}}, "kv_cache_gb"),
     ({"vision": {"lease_s": -1}}, "lease_s"),
     ({"unknown": 1}, "unknown"),
+    ({"log_level": "LOUD"}, "log_level"),
+    ({"log_level": 10}, "log_level"),
 ])
 def test_bad_args_name_the_field(args, where) -> None:
     with pytest.raises(ValidationError) as e:
         AppConfig.model_validate(args)
     assert where in str(e.value)
+
+
+def test_log_level_defaults_to_info_and_takes_any_case() -> None:
+    assert AppConfig().log_level == "INFO"
+    assert AppConfig.model_validate({"log_level": "debug"}).log_level == "DEBUG"
 
 
 def test_tiny_is_built_into_the_cache_dir_once(tmp_path) -> None:

@@ -4,6 +4,7 @@ failures and lost embeddings end a request."""
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
 from runtime.protocol import EncodeAccepted, ImagePayload
@@ -116,6 +117,25 @@ def test_a_failed_or_slow_vision_pool_fails_the_request() -> None:
         assert sender.released == [] and client.stats().requests == 0  # no replica was told it holds anything
 
     asyncio.run(main())
+
+
+def test_a_crashed_encode_call_is_logged_with_its_traceback_and_not_shown_to_the_client(caplog) -> None:
+    async def main():
+        client, handle, _, failures = _client()
+        client.expect("crash", IMAGES)
+        client.encode("crash")
+        await _settle()
+        handle.calls[0][1].set_exception(RuntimeError("secret internal detail"))
+        await _settle()
+        return failures
+
+    with caplog.at_level(logging.INFO, logger="runtime"):
+        (rid, message, kind), = asyncio.run(main())
+    assert (rid, kind) == ("crash", "internal") and "vision pool" in message
+    assert "secret" not in message and "RuntimeError" not in message
+    record, = [r for r in caplog.records if r.exc_info]
+    assert record.getMessage().startswith("crash: ") and record.levelno == logging.ERROR
+    assert "secret internal detail" in caplog.text  # the traceback, in the replica's log
 
 
 def test_embeddings_that_never_arrive_fail_the_request() -> None:

@@ -10,8 +10,9 @@ import msgspec
 import numpy as np
 import pytest
 
-from runtime.protocol import ExpertRouting, RequestOutput, TokenLogprob
+from runtime.protocol import ErrorKind, ExpertRouting, RequestOutput, TokenLogprob
 from runtime.router.openai_api import (
+    ERRORS,
     ReasoningSplitter,
     chat_chunk,
     engine_error,
@@ -115,3 +116,24 @@ def test_routed_experts_wire_format_round_trips() -> None:
     assert chunk["choices"][0]["routed_experts"] == body
     plain = with_routed_experts(chat_chunk("id", "m", 0, {"content": "x"}), RequestOutput("r", [1], "x"))
     assert "routed_experts" not in plain["choices"][0]
+
+
+@pytest.mark.parametrize("kind,status,kind_name", [
+    ("invalid_request", 400, "invalid_request_error"),
+    ("invalid_image", 400, "invalid_request_error"),
+    ("image_too_large", 400, "invalid_request_error"),
+    ("timeout", 504, "timeout_error"),
+    ("unavailable", 503, "service_unavailable"),
+    ("internal", 500, "server_error"),
+    (None, 500, "server_error"),
+])
+def test_each_error_kind_becomes_one_status_and_type(kind, status, kind_name) -> None:
+    error = engine_error(RequestOutput("r", [], "", True, "error", "why", error_type=kind))
+    assert (error.status, error.type) == (status, kind_name)
+    message = "why; request id r" if status == 500 else "why"  # an operator finds our failures by the id
+    assert error.body() == {"error": {"message": message, "type": kind_name, "param": None, "code": status}}
+    assert error.headers == ({"Retry-After": "5"} if status == 503 else {})
+
+
+def test_every_error_kind_has_a_status() -> None:
+    assert set(ERRORS) == set(ErrorKind)
