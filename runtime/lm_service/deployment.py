@@ -38,8 +38,6 @@ from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, e
 from runtime.protocol import AdminCall, AdminResult, GenerateRequest, RequestOutput
 from runtime.stats_board import Reporter, board, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
-from runtime.vision_service.encoder import image_key
-from runtime.vision_service.preprocess import load_processor_config
 
 
 def _current_weights(app_name: str) -> tuple[str, int] | None:
@@ -60,8 +58,6 @@ class LMService:
         serve_compat.apply_in_replica()
         self.config = EngineConfig(**(engine or {}))
         torch.set_num_threads(self.config.threads_per_rank)
-        self.model_dir = model_dir
-        self.processor = load_processor_config(model_dir)
         host = host or node_ip()
         # The vision client is made once the engine's embedding inbox exists; the hooks reach it then.
         hooks = EngineHooks(need_embeddings=lambda rid, indexes: self.vision.encode_from_thread(rid, indexes),
@@ -104,12 +100,11 @@ class LMService:
         if (refusal := await self.admission.enter()) is not None:  # waits while an admin operation runs
             yield error_output(rid, refusal, "unavailable")
             return
-        keys = request.image_keys or [image_key(i.data, self.processor, self.model_dir, self.config.dtype)
-                                      for i in request.images]
         if request.images:
             self.vision.expect(rid, request.images)
         try:
-            stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, tuple(keys)))
+            keys = tuple(request.image_keys)  # the router's; nothing here hashes an image again
+            stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, keys))
         except RequestError as e:
             self.vision.forget(rid)
             yield error_output(rid, str(e), "invalid_request")

@@ -46,7 +46,7 @@ class VisionService:
 
     async def encode(self, request: EncodeRequest) -> EncodeAccepted:
         self._loop = asyncio.get_running_loop()
-        images = [ImageInput(i.data, i.placeholders) for i in request.images]
+        images = [ImageInput(i.data, i.placeholders, i.key) for i in request.images]
         encoded = await self.encoder.encode(request.request_id, images, request.reply_to, request.indexes())
         return EncodeAccepted(self.releases.address, encoded)
 

@@ -11,26 +11,19 @@ request's cache references. Decoding and the model run in worker threads, off th
 from __future__ import annotations
 
 import asyncio
-import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from runtime.cache.embedding_cache import EmbeddingCache, EmbeddingTooLargeError, embedding_key
+from runtime.cache.embedding_cache import EmbeddingCache, EmbeddingTooLargeError
 from runtime.checkpoint.loader import load_vision
-from runtime.errors import ImageError, ImageTooLargeError
+from runtime.errors import ImageError, ImageKeyMismatchError, ImageTooLargeError
+from runtime.images import ImageLimits, image_key, load_processor_config, placeholder_count
 from runtime.models.common import DTYPES
 from runtime.models.config import load_model_config
 from runtime.transport import EmbeddingSender
-from runtime.vision_service.preprocess import (
-    ImageLimits,
-    ProcessorConfig,
-    decode_image,
-    load_processor_config,
-    placeholder_count,
-    preprocess,
-)
+from runtime.vision_service.preprocess import decode_image, preprocess
 
 
 @dataclass(frozen=True)
@@ -48,12 +41,7 @@ class VisionConfig:
 class ImageInput:
     data: bytes
     placeholders: int  # the router's count (placeholder_count); checked against ours
-
-
-def image_key(data: bytes, processor: ProcessorConfig, model_dir: str | Path, dtype: str) -> str:
-    """The image's content key: its bytes plus everything its embeddings depend on. The vision
-    cache and the engine's prefix cache both key on it."""
-    return embedding_key(data, json.dumps(asdict(processor), sort_keys=True), str(Path(model_dir).resolve()), dtype)
+    key: str  # the router's image_key; checked against ours before the cache trusts it
 
 
 class _Batcher:
@@ -122,11 +110,23 @@ class VisionEncoder:
                                          for i, image in zip(indexes, images, strict=True)))
         return sum(results)
 
+    def _checked_key(self, image: ImageInput) -> str:
+        """The carried key, once the bytes are shown to hash to it: the cache must never hand one
+        image's embeddings to another's bytes (a router with another processor config, model path
+        or dtype than ours computes other keys)."""
+        ours = image_key(image.data, self.processor, self.model_dir, self.config.dtype)
+        if image.key != ours:
+            raise ImageKeyMismatchError(image.key, ours)
+        return ours
+
     async def _encode_one(self, request_id: str, index: int, image: ImageInput, reply_to: str) -> bool:
-        key = image_key(image.data, self.processor, self.model_dir, self.config.dtype)
         nbytes = image.placeholders * self.hidden * self.dtype.itemsize
         try:
+            key = self._checked_key(image)
             embeds = await self.cache.get_or_compute(request_id, key, nbytes, lambda: self._compute(image))
+        except ImageKeyMismatchError as e:  # our peers disagree with us, not the client's fault
+            self.sender.send_error(reply_to, request_id, index, str(e), "internal")
+            return False
         except (EmbeddingTooLargeError, ImageTooLargeError) as e:
             self.sender.send_error(reply_to, request_id, index, str(e), "image_too_large")
             return False

@@ -97,8 +97,9 @@ def test_mixed_workload_with_aborts_and_failures_leaves_nothing_referenced(app) 
     jobs += [(f"w{i}", prep.prepare(f"w{i}", r), None) for i, r in enumerate(requests)]
     jobs += [(f"leave{k}", prep.prepare(f"leave{k}", requests[k]), 2) for k in range(1, 4)]
     bad = prep.prepare("bad", requests[-1])  # one image; its header is fine, its pixels are not
-    bad_image = ImagePayload(shared[: len(shared) // 2], bad.images[0].placeholders)
-    jobs.append(("bad", GenerateRequest("bad", bad.prompt_ids, bad.sampling, [bad_image], ["k"]), None))
+    truncated = shared[: len(shared) // 2]
+    bad_image = ImagePayload(truncated, bad.images[0].placeholders, prep.image_key(truncated))
+    jobs.append(("bad", GenerateRequest("bad", bad.prompt_ids, bad.sampling, [bad_image]), None))
     long = GenerateRequest("long", [1] * 5000, requests[0].sampling)  # more than the engine can ever hold
     jobs.append(("long", long, None))
     before = lm.stats.remote().result(timeout_s=30)["engine"]["preemptions"]

@@ -12,10 +12,11 @@ import torch
 from PIL import Image
 
 from runtime.checkpoint.loader import load_vision
+from runtime.images import image_key, load_processor_config, placeholder_count
 from runtime.protocol import EncodeError
 from runtime.transport import EmbeddingInbox
 from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
-from runtime.vision_service.preprocess import decode_image, load_processor_config, placeholder_count, preprocess
+from runtime.vision_service.preprocess import decode_image, preprocess
 from tests.integration.workload import png
 
 
@@ -30,9 +31,13 @@ def setup(checkpoints):
     inbox.close()
 
 
+def _key(path, data: bytes) -> str:
+    return image_key(data, load_processor_config(path), path, "float32")
+
+
 def _input(path, data: bytes) -> ImageInput:
     im = decode_image(data)
-    return ImageInput(data, placeholder_count(im.height, im.width, load_processor_config(path)))
+    return ImageInput(data, placeholder_count(im.height, im.width, load_processor_config(path)), _key(path, data))
 
 
 def _drain(got: queue.Queue, n: int) -> list:
@@ -81,10 +86,10 @@ def _bad_images(path) -> dict[str, ImageInput]:
     huge = io.BytesIO()
     Image.new("L", (8000, 6000)).save(huge, format="PNG")
     return {
-        "not an image": ImageInput(b"hello, world", 4),
-        "truncated": ImageInput(good[: len(good) // 2], 4),
-        "too many pixels": ImageInput(huge.getvalue(), 4),
-        "wrong placeholder count": ImageInput(good, 999),
+        "not an image": ImageInput(b"hello, world", 4, _key(path, b"hello, world")),
+        "truncated": ImageInput(good[: len(good) // 2], 4, _key(path, good[: len(good) // 2])),
+        "too many pixels": ImageInput(huge.getvalue(), 4, _key(path, huge.getvalue())),
+        "wrong placeholder count": ImageInput(good, 999, _key(path, good)),
     }
 
 

@@ -12,9 +12,10 @@ import torch
 from ray import serve
 
 from runtime.checkpoint.loader import load_vision
+from runtime.images import image_key, load_processor_config, placeholder_count
 from runtime.protocol import EncodeError, EncodeRequest, ImagePayload
 from runtime.transport import EmbeddingInbox, EmbeddingSender
-from runtime.vision_service.preprocess import decode_image, load_processor_config, placeholder_count, preprocess
+from runtime.vision_service.preprocess import decode_image, preprocess
 from tests.integration.workload import png
 
 
@@ -33,9 +34,13 @@ def vision_app(checkpoints):
     ray.shutdown()
 
 
+def _key(path, data: bytes) -> str:
+    return image_key(data, load_processor_config(path), path, "float32")
+
+
 def _payload(path, data: bytes) -> ImagePayload:
     im = decode_image(data)
-    return ImagePayload(data, placeholder_count(im.height, im.width, load_processor_config(path)))
+    return ImagePayload(data, placeholder_count(im.height, im.width, load_processor_config(path)), _key(path, data))
 
 
 def _release_and_count_live(handle, sender: EmbeddingSender, releases: list[tuple[str, str]]) -> int:
@@ -66,7 +71,8 @@ def test_encode_push_release_through_serve(vision_app) -> None:
     path, handle = vision_app
     with _lm_side("lm-test") as (got, inbox, sender):
         image = png(140, 112, seed=21)
-        request = EncodeRequest("req-1", [_payload(path, image), ImagePayload(b"junk", 4)], inbox.address)
+        junk = ImagePayload(b"junk", 4, _key(path, b"junk"))
+        request = EncodeRequest("req-1", [_payload(path, image), junk], inbox.address)
         accepted = handle.encode.remote(request).result(timeout_s=60)
         messages = [got.get(timeout=30) for _ in range(2)]
         header, received = next(m for m in messages if not isinstance(m, EncodeError))

@@ -8,7 +8,7 @@ import asyncio
 from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
 from runtime.protocol import EncodeAccepted, ImagePayload
 
-IMAGES = [ImagePayload(b"a", 4), ImagePayload(b"b", 4)]
+IMAGES = [ImagePayload(b"a", 4, "key-a"), ImagePayload(b"b", 4, "key-b")]
 
 
 class FakeHandle:
