@@ -66,8 +66,9 @@ from runtime.checkpoint.loader import load_vision  # noqa: E402
 from runtime.checkpoint.maker import make_checkpoint  # noqa: E402
 from runtime.images import image_key, load_processor_config, placeholder_count  # noqa: E402
 from runtime.models.config import load_model_config  # noqa: E402
+from runtime.settings import VisionConfig  # noqa: E402
 from runtime.transport import EmbeddingInbox, EmbeddingSender  # noqa: E402
-from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder  # noqa: E402
+from runtime.vision_service.encoder import ImageInput, VisionEncoder  # noqa: E402
 from runtime.vision_service.preprocess import decode_image, preprocess_batch  # noqa: E402
 
 HIDDEN = 7168  # Kimi-K2.5's text hidden size: the width of every embedding the LM receives

@@ -20,7 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from PIL import Image, UnidentifiedImageError
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as settings
 
 from runtime.cache.embedding_cache import embedding_key
 from runtime.errors import ImageTooLargeError, InvalidImageError
@@ -115,13 +116,12 @@ def placeholder_count(height: int, width: int, cfg: ProcessorConfig) -> int:
 # --- the header --------------------------------------------------------------------------------
 
 
-class ImageLimits(BaseModel):
-    """What an image may be, checked from its header before any decode. A pydantic model so that
-    the deploy YAML's `vision:` section can include it as it is (runtime.config)."""
+@settings(frozen=True, config=ConfigDict(extra="forbid"))
+class ImageLimits:
+    """What an image may be, checked from its header before any decode. Validated like every other
+    setting (runtime.settings): the deploy YAML's `vision:` section is made of it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    max_pixels: int = Field(40_000_000, ge=1, description="decompression-bomb guard, checked from the header")
+    max_pixels: int = Field(default=40_000_000, ge=1, description="decompression-bomb guard, checked from the header")
 
 
 def open_image(data: bytes) -> Image.Image:

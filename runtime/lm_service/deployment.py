@@ -29,13 +29,14 @@ from runtime import serve_compat
 from runtime.errors import RequestError
 from runtime.lm_service.admin import Admission
 from runtime.lm_service.async_engine import AsyncEngine
-from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
+from runtime.lm_service.engine import Engine, EngineHooks
 from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.engine_loop import error_output
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
-from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, encode_failure
+from runtime.lm_service.vision_client import VisionClient, encode_failure
 from runtime.protocol import AdminCall, AdminResult, GenerateRequest, RequestOutput
+from runtime.settings import EngineConfig, VisionClientConfig
 from runtime.stats_board import Reporter, board, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
 
@@ -51,12 +52,12 @@ def _current_weights(app_name: str) -> tuple[str, int] | None:
                   request_router_config={"request_router_class": "runtime.router.request_router:AffinityRouter",
                                          "request_routing_stats_period_s": 1.0})
 class LMService:
-    def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
-                 host: str | None = None, vision_client: dict[str, Any] | None = None,
+    def __init__(self, model_dir: str, engine: EngineConfig = EngineConfig(), vision: Any = None,
+                 host: str | None = None, vision_client: VisionClientConfig = VisionClientConfig(),
                  rank_resources: dict[str, float] | None = None, engine_process: bool = False,
                  proxy: str | None = None):
         serve_compat.apply_in_replica()
-        self.config = EngineConfig(**(engine or {}))
+        self.config = engine
         torch.set_num_threads(self.config.threads_per_rank)
         host = host or node_ip()
         # The vision client is made once the engine's embedding inbox exists; the hooks reach it then.
@@ -80,7 +81,7 @@ class LMService:
                                         lambda error: local.fail(error.request_id, *encode_failure(error)), host)
             inbox_address = self.inbox.address
         self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address, proxy=proxy), self._fail,
-                                   self._when_missing, VisionClientConfig(**(vision_client or {})))
+                                   self._when_missing, vision_client)
         self.admission = Admission()
         self.replica = context.replica_id.unique_id
         self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)

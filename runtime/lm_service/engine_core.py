@@ -23,7 +23,7 @@ import torch
 import zmq
 
 from runtime.lm_service.admin import EngineAdmin
-from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks, EngineStats
+from runtime.lm_service.engine import Engine, EngineHooks, EngineStats
 from runtime.lm_service.engine_loop import EngineLoop
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.vision_client import encode_failure
@@ -47,6 +47,7 @@ from runtime.protocol import (
     EmbeddingHeader,
     EncodeError,
 )
+from runtime.settings import EngineConfig
 from runtime.transport import EmbeddingInbox
 
 _encoder = msgspec.msgpack.Encoder()

@@ -16,7 +16,7 @@ from runtime.models.deepseek_v3 import DeepseekV3LM
 from runtime.prompt import GenerationDefaults
 
 if TYPE_CHECKING:
-    from runtime.lm_service.engine import EngineConfig
+    from runtime.settings import EngineConfig
 
 
 @dataclass

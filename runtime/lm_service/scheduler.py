@@ -20,11 +20,13 @@ from runtime.lm_service.kv_blocks import BlockPool, BlockTable, block_hash
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The engine's settings that the scheduler reads (their defaults are EngineConfig's)."""
+
     num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    prefix_caching: bool = True
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    prefix_caching: bool
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.protocol import EncodeError, EncodeRequest, ImagePayload
+from runtime.settings import VisionClientConfig
 from runtime.transport import EmbeddingSender
 
 # (request_id, message, error_type) -> the engine fails the request
@@ -34,12 +35,6 @@ def encode_failure(error: EncodeError) -> tuple[str, str]:
     """How an image that failed to encode fails its request: (message, error_type)."""
     kind = "invalid_request" if error.error_type in _CLIENT_IMAGE_ERRORS else "internal"
     return f"image {error.image_index}: {error.message}", kind
-
-
-@dataclass(frozen=True)
-class VisionClientConfig:
-    encode_timeout_s: float = 120.0  # the handle call (queueing at the vision pool included)
-    arrival_timeout_s: float = 30.0  # embeddings pushed but not arrived by then: the request fails
 
 
 @dataclass

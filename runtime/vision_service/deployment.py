@@ -18,19 +18,20 @@ from ray import serve
 
 from runtime import serve_compat
 from runtime.protocol import EncodeAccepted, EncodeRequest
+from runtime.settings import VisionConfig
 from runtime.stats_board import Reporter, rss_bytes
 from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
-from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
+from runtime.vision_service.encoder import ImageInput, VisionEncoder
 
 
 @serve.deployment(name="VisionService", ray_actor_options={"num_cpus": 1})
 class VisionService:
-    def __init__(self, model_dir: str, config: dict[str, Any] | None = None, host: str | None = None,
+    def __init__(self, model_dir: str, config: VisionConfig = VisionConfig(), host: str | None = None,
                  proxy: str | None = None):
         import torch
 
         serve_compat.apply_in_replica()
-        self.config = VisionConfig(**(config or {}))
+        self.config = config
         torch.set_num_threads(1)
         host = host or node_ip()
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -20,21 +20,10 @@ from runtime.cache.embedding_cache import EmbeddingCache, EmbeddingTooLargeError
 from runtime.checkpoint.loader import load_vision
 from runtime.errors import ImageError, ImageKeyMismatchError, ImageTooLargeError
 from runtime.images import ImageLimits, image_key, load_processor_config, placeholder_count
-from runtime.models.common import DTYPES
 from runtime.models.config import load_model_config
+from runtime.settings import VisionConfig
 from runtime.transport import EmbeddingSender
 from runtime.vision_service.preprocess import decode_image, preprocess
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    dtype: str = "float32"
-    device: str = "cpu"
-    cache_bytes: int = 256 * 2**20
-    lease_s: float = 600.0
-    max_batch: int = 16
-    max_wait_s: float = 0.005
-    max_pixels: int = ImageLimits().max_pixels
 
 
 @dataclass(frozen=True)
@@ -88,10 +77,10 @@ class VisionEncoder:
         self.config = config
         model_config = load_model_config(model_dir)
         self.processor = load_processor_config(model_dir)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = config.torch_dtype
         self.tower = load_vision(model_dir, model_config, self.dtype, config.device)
         self.hidden = model_config.text.hidden_size
-        self.limits = ImageLimits(max_pixels=config.max_pixels)
+        self.limits: ImageLimits = config  # a VisionConfig is its own ImageLimits
         self.cache: EmbeddingCache[torch.Tensor] = EmbeddingCache(config.cache_bytes, config.lease_s)
         self.sender = sender or EmbeddingSender(sender_id)
         self.model_dir = model_dir

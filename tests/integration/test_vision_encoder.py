@@ -14,8 +14,9 @@ from PIL import Image
 from runtime.checkpoint.loader import load_vision
 from runtime.images import image_key, load_processor_config, placeholder_count
 from runtime.protocol import EncodeError
+from runtime.settings import VisionConfig
 from runtime.transport import EmbeddingInbox
-from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
+from runtime.vision_service.encoder import ImageInput, VisionEncoder
 from runtime.vision_service.preprocess import decode_image, preprocess
 from tests.integration.workload import png
 
@@ -105,7 +106,7 @@ def test_bad_images_fail_their_request_alone(checkpoints, setup) -> None:
             assert len(errors) == 1 and errors[0].request_id == name and errors[0].image_index == 0, name
             assert errors[0].error_type in ("invalid_image", "image_too_large"), name
             encoder.release(name)
-        tiny_budget = VisionEncoder(path, VisionConfig(cache_bytes=100), "vision-small")
+        tiny_budget = VisionEncoder(path, VisionConfig(cache_mb=100 / 2**20), "vision-small")
         assert asyncio.run(tiny_budget.encode("big", [_input(path, png(56, 56, seed=11))], inbox.address)) == 0
         (error,) = _drain(got, 1)
         assert error.error_type == "image_too_large" and "budget" in error.message

@@ -14,6 +14,7 @@ from ray import serve
 from runtime.checkpoint.loader import load_vision
 from runtime.images import image_key, load_processor_config, placeholder_count
 from runtime.protocol import EncodeError, EncodeRequest, ImagePayload
+from runtime.settings import VisionConfig
 from runtime.transport import EmbeddingInbox, EmbeddingSender
 from runtime.vision_service.preprocess import decode_image, preprocess
 from tests.integration.workload import png
@@ -26,7 +27,7 @@ def vision_app(checkpoints):
     path = checkpoints("tiny")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    handle = serve.run(VisionService.options(num_replicas=1).bind(str(path), {"max_wait_s": 0.01},
+    handle = serve.run(VisionService.options(num_replicas=1).bind(str(path), VisionConfig(max_wait_s=0.01),
                                                                    "127.0.0.1"),
                        name="vision", route_prefix=None)
     yield path, handle
@@ -113,7 +114,7 @@ def test_small_budget_is_never_exceeded_and_lost_releases_expire(vision_app) -> 
     path, _ = vision_app
     one = 9 * 64 * 4  # an 84x84 image: 9 tokens of the tiny model's hidden size 64, float32
     small = serve.run(VisionService.options(name="VisionSmall").bind(
-        str(path), {"cache_bytes": 3 * one + 100, "lease_s": 1.0, "max_wait_s": 0.0}, "127.0.0.1"),
+        str(path), VisionConfig(cache_mb=(3 * one + 100) / 2**20, lease_s=1.0, max_wait_s=0.0), "127.0.0.1"),
         name="vision-small", route_prefix=None)
     got: queue.Queue = queue.Queue()
     inbox = EmbeddingInbox(lambda h, t: got.put(h), got.put)

@@ -143,7 +143,7 @@ def _seq(rid: str, tokens: list[int], images: list[ImageSpan] | None = None) -> 
 
 
 def _config(**kw) -> SchedulerConfig:
-    base = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    base = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, prefix_caching=True)
     return SchedulerConfig(**{**base, **kw})
 
 
@@ -407,7 +407,8 @@ _IMAGE_TOKEN = 0  # the placeholder id; the random prompts' text tokens are neve
 @pytest.mark.parametrize("seed", range(6))
 def test_random_workload_keeps_every_invariant(seed: int) -> None:
     rng = random.Random(seed)
-    config = SchedulerConfig(num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=16)
+    config = SchedulerConfig(num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=16,
+                             prefix_caching=True)
     eng = _Engine(config)
     bases = [[rng.randrange(1, 50) for _ in range(40)] for _ in range(3)]  # shared prefixes: cache hits
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 
 from runtime.images import image_key, load_processor_config, placeholder_count
-from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
+from runtime.settings import VisionConfig
+from runtime.vision_service.encoder import ImageInput, VisionEncoder
 from runtime.vision_service.preprocess import decode_image
 from tests.integration.workload import png
 
