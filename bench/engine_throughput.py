@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from runtime.checkpoint.maker import make_checkpoint  # noqa: E402
-from runtime.lm_service.engine import EngineConfig  # noqa: E402
 from runtime.lm_service.offline import OfflineLLM  # noqa: E402
 from runtime.requests import ChatRequest, SamplingParams  # noqa: E402
+from runtime.settings import EngineConfig  # noqa: E402
 from runtime.vision_service.preprocess import decode_image, preprocess_batch  # noqa: E402
 
 

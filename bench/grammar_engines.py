@@ -301,9 +301,9 @@ def measure_engine_overhead(cache: Path, batch: int = 16, tokens: int = 32) -> d
     step with no constrained request, with half and with all constrained (a regex that cannot end
     sooner), and the cost of the grammar hook itself when nothing is constrained."""
     from runtime.checkpoint.maker import make_checkpoint
-    from runtime.lm_service.engine import EngineConfig
     from runtime.lm_service.offline import OfflineLLM
     from runtime.protocol import SamplingParams, StructuredOutput
+    from runtime.settings import EngineConfig
 
     path = cache / "tiny-checkpoint"
     if not (path / "config.json").exists():

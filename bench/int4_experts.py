@@ -26,12 +26,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from runtime.checkpoint.loader import load_language_model, routed_expert_bytes  # noqa: E402
 from runtime.checkpoint.maker import init_random, make_checkpoint, model_config_of  # noqa: E402
-from runtime.lm_service.engine import EngineConfig  # noqa: E402
 from runtime.lm_service.offline import OfflineLLM  # noqa: E402
 from runtime.models.config import TextConfig  # noqa: E402
 from runtime.models.experts import DequantScratch, ExpertBank, Int4Layout, Int4RoutedExperts, RoutedExperts  # noqa: E402
 from runtime.models.int4 import dequantize_int4, pack_int4, quantize_int4  # noqa: E402
 from runtime.requests import SamplingParams  # noqa: E402
+from runtime.settings import EngineConfig  # noqa: E402
 
 
 def _ms(fn: Callable[[], object], reps: int) -> float:
@@ -121,7 +121,7 @@ def engine_decode(root: Path, requests: int, tokens: int, rounds: int = 6) -> di
     float32 one memory() wrote (same shapes and seed; only the experts' storage differs). Rounds
     alternate between the two and the best of each counts: the 2 shared cores are noisy."""
     params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
-    llms = {name: OfflineLLM(root / sub, EngineConfig(kv_cache_bytes=64 << 20))
+    llms = {name: OfflineLLM(root / sub, EngineConfig(kv_cache_mb=64))
             for name, sub in (("int4", "int4"), ("float32", "dense"))}
     ids = llms["int4"].prompts.token_ids([{"role": "user", "content": "Count to a hundred, please."}], [])
     best = dict.fromkeys(llms, 0.0)

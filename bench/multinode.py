@@ -50,7 +50,7 @@ SIZES = (224, 1024)
 
 def image_tokens(side: int) -> int:
     """Image tokens of a side x side image under the release's processor settings (the defaults)."""
-    from runtime.vision_service.preprocess import ProcessorConfig, placeholder_count
+    from runtime.images import ProcessorConfig, placeholder_count
 
     return placeholder_count(side, side, ProcessorConfig())
 

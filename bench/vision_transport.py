@@ -64,15 +64,12 @@ sys.path.insert(0, str(ROOT))
 
 from runtime.checkpoint.loader import load_vision  # noqa: E402
 from runtime.checkpoint.maker import make_checkpoint  # noqa: E402
+from runtime.images import image_key, load_processor_config, placeholder_count  # noqa: E402
 from runtime.models.config import load_model_config  # noqa: E402
+from runtime.settings import VisionConfig  # noqa: E402
 from runtime.transport import EmbeddingInbox, EmbeddingSender  # noqa: E402
-from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder  # noqa: E402
-from runtime.vision_service.preprocess import (  # noqa: E402
-    decode_image,
-    load_processor_config,
-    placeholder_count,
-    preprocess_batch,
-)
+from runtime.vision_service.encoder import ImageInput, VisionEncoder  # noqa: E402
+from runtime.vision_service.preprocess import decode_image, preprocess_batch  # noqa: E402
 
 HIDDEN = 7168  # Kimi-K2.5's text hidden size: the width of every embedding the LM receives
 KIB, MIB = 2**10, 2**20
@@ -330,7 +327,8 @@ def bench_encode_path(model_dir: Path, path: ZmqPath, batch_sizes: list[int], re
         for rep in range(reps + 1):  # the first call is a warm-up
             data = [png(seed + i) for i in range(b)]
             seed += b
-            inputs = [ImageInput(d, placeholder_count(224, 224, encoder.processor)) for d in data]
+            inputs = [ImageInput(d, placeholder_count(224, 224, encoder.processor),
+                                 image_key(d, encoder.processor, model_dir, "float32")) for d in data]
             request_id = f"enc-{b}-{rep}"
             t0 = time.perf_counter()
             if loop.run_until_complete(encoder.encode(request_id, inputs, path.address)) != b:

@@ -104,11 +104,11 @@ def _make_checkpoint(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     """Queue every line, then let continuous batching run them all; results keep the input order."""
-    from runtime.lm_service.engine import EngineConfig
     from runtime.lm_service.offline import OfflineLLM
+    from runtime.settings import EngineConfig
 
     config = EngineConfig(dtype=args.dtype, ep_size=args.ep_size, max_num_seqs=args.max_num_seqs,
-                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_mb << 20,
+                          max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_mb=args.kv_cache_mb,
                           trust_remote_code=args.trust_remote_code)
     llm = OfflineLLM(args.model, config)
     try:
@@ -148,9 +148,9 @@ def _error(message: str, kind: str, field: str | None) -> dict:
 
 def _demo(args: argparse.Namespace) -> int:
     from runtime.checkpoint.maker import make_checkpoint
-    from runtime.lm_service.engine import EngineConfig
     from runtime.lm_service.offline import OfflineLLM
     from runtime.requests import parse_chat_request
+    from runtime.settings import EngineConfig
 
     model_dir = Path(args.model)
     if not (model_dir / "config.json").exists():

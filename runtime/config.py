@@ -4,24 +4,37 @@ Replica counts and autoscaling are not here: they are Serve's per-deployment set
 (`deployments: - name: LMService / VisionService` in the YAML), so that changing them is a
 lightweight update of that pool alone. Everything else a user tunes is here, with a clear message
 when it is wrong.
+
+Each service's setting is declared once, in the typed config the service takes (runtime.settings,
+runtime.requests); the `engine:`, `vision:` and `limits:` sections below are those declarations plus
+what only the deployment needs (Ray resources, router limits). This module imports no service: the
+router replica that builds it holds no tensors and imports no torch.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.dataclasses import dataclass
 
 from runtime.checkpoint.tokenizer_loader import check_tokenizer_code
-from runtime.lm_service.engine import EngineConfig
-from runtime.lm_service.vision_client import VisionClientConfig
+from runtime.images import ImageLimits
 from runtime.logs import LogLevel
-from runtime.requests import RequestLimits
-from runtime.vision_service.encoder import VisionConfig
-from runtime.vision_service.preprocess import ImageLimits
+from runtime.requests import ContentLimits, RequestLimits
+from runtime.settings import (
+    FORBID,
+    Dtype,
+    EngineConfig,
+    EngineTunables,
+    Hardware,
+    VisionClientConfig,
+    VisionConfig,
+    VisionTunables,
+    fields_of,
+)
 
-MiB = 2**20
 TINY = "tiny"  # the embedded default: built from the project's own preset on first start
 
 
@@ -29,25 +42,16 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class EngineArgs(_Section):
-    kv_cache_mb: int = Field(256, ge=1, description="paged latent KV cache per LM replica")
-    block_size: int = Field(16, ge=1, le=1024)
-    max_num_seqs: int = Field(64, ge=1)
-    max_num_batched_tokens: int = Field(1024, ge=16)
-    max_prefill_tokens_while_decoding: int | None = Field(
-        256, ge=1, description="prompt tokens a step may take while it also decodes (null: the whole budget); "
-                               "lower: shorter inter-token gaps when requests arrive, longer TTFT for long prompts")
-    prefix_caching: bool = True
-    kv_fp8: bool = False
-    ep_size: int = Field(1, ge=1, description="expert-parallel ranks per LM replica")
-    ep_timeout_s: float = Field(120.0, gt=0)
-    threads_per_rank: int = Field(1, ge=1, description="torch threads of each rank")
-    stream_interval_ms: float = Field(10.0, ge=0, description="merge streamed tokens after the first over this")
+@dataclass(frozen=True, config=FORBID)
+class EngineArgs(EngineTunables):
+    """YAML `engine:`: the engine's own settings, and how Ray places its ranks."""
+
     engine_process: bool | None = Field(
-        None, description="step the engine in a process of its own, apart from the replica's event loop "
+        default=None, description="step the engine in a process of its own, apart from the replica's event loop "
                           "(default: yes when ep_size is 1; with expert parallelism the replica is rank 0)")
-    cpus_per_rank: float = Field(1.0, ge=0, description="Ray CPUs reserved for each rank (rank 0 = the replica)")
-    gpus_per_rank: float = Field(0.0, ge=0)
+    cpus_per_rank: float = Field(default=1.0, ge=0,
+                                 description="Ray CPUs reserved for each rank (rank 0 = the replica)")
+    gpus_per_rank: float = Field(default=0.0, ge=0)
 
     @model_validator(mode="after")
     def _engine_process_needs_one_rank(self) -> EngineArgs:
@@ -60,37 +64,34 @@ class EngineArgs(_Section):
         return self.ep_size == 1 if self.engine_process is None else self.engine_process
 
 
-class VisionArgs(_Section):
-    cache_mb: float = Field(256, gt=0, description="embedding cache per vision replica")
-    lease_s: float = Field(600.0, gt=0, description="a reference whose release never comes expires after this")
-    max_batch: int = Field(16, ge=1)
-    max_wait_s: float = Field(0.005, ge=0)
-    max_pixels: int = Field(40_000_000, ge=1)
-    cpus: float = Field(1.0, ge=0, description="Ray CPUs reserved for each vision replica")
-    gpus: float = Field(0.0, ge=0)
-    encode_timeout_s: float = Field(120.0, gt=0)
-    arrival_timeout_s: float = Field(30.0, gt=0)
+@dataclass(frozen=True, config=FORBID)
+class VisionArgs(VisionClientConfig, VisionTunables):
+    """YAML `vision:`: the vision replica's settings, the LM replica's timeouts for it, and Ray's CPUs/GPUs."""
+
+    cpus: float = Field(default=1.0, ge=0, description="Ray CPUs reserved for each vision replica")
+    gpus: float = Field(default=0.0, ge=0)
 
 
-class LimitArgs(_Section):
-    max_images: int = Field(16, ge=0)
-    max_image_mb: float = Field(20.0, gt=0)
-    max_stop_strings: int = Field(16, ge=0)
-    max_body_mb: float = Field(64.0, gt=0)
-    max_queued_requests: int = Field(256, ge=1, description="per router replica; beyond it: 429 + Retry-After")
-    request_timeout_s: float = Field(600.0, gt=0)
+@dataclass(frozen=True, config=FORBID)
+class LimitArgs(ContentLimits):
+    """YAML `limits:`: what one request may hold, and what the router admits."""
+
+    max_body_mb: float = Field(default=64.0, gt=0)
+    max_queued_requests: int = Field(default=256, ge=1, description="per router replica; beyond it: 429 + Retry-After")
+    request_timeout_s: float = Field(default=600.0, gt=0)
 
 
 class ImageUrlArgs(_Section):
     allow_http: bool = False
     allow_private_addresses: bool = False
-    fetch_timeout_s: float = Field(10.0, gt=0)
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
 
 
 class AdminArgs(_Section):
-    enabled: bool = Field(False, description="the /admin/* endpoints (abort, sleep, wake, update_weights); they "
-                                             "need api_key, and answer 404 while off")
-    timeout_s: float = Field(600.0, gt=0, description="the longest an admin call waits for every LM replica "
+    enabled: bool = Field(default=False,
+                          description="the /admin/* endpoints (abort, sleep, wake, update_weights); they "
+                                      "need api_key, and answer 404 while off")
+    timeout_s: float = Field(default=600.0, gt=0, description="the longest an admin call waits for every LM replica "
                                                       "(a drain waits for the requests in flight)")
 
 
@@ -108,16 +109,19 @@ class PlacementArgs(_Section):
     vision: Resources = Field(default_factory=dict)
 
 
+_HARDWARE = Hardware()
+
+
 class AppConfig(_Section):
-    model: str = Field(TINY, description="checkpoint directory, or 'tiny' for the embedded default")
-    trust_remote_code: bool = Field(False, description="let the checkpoint's own Python code run: a tokenizer "
+    model: str = Field(default=TINY, description="checkpoint directory, or 'tiny' for the embedded default")
+    trust_remote_code: bool = Field(default=False, description="let the checkpoint's own Python code run: a tokenizer "
                                                        "class named by its tokenizer_config.json auto_map")
     served_model_name: list[str] | None = Field(
         None, description="the names clients use for the model (default: `model` as given, and its folder's name)")
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    device: str = "cpu"
+    dtype: Dtype = _HARDWARE.dtype
+    device: str = _HARDWARE.device
     cache_dir: str = "~/.cache/kimi-runtime"
-    host: str | None = Field(None, description="address the ZMQ sockets bind (default: the node's IP)")
+    host: str | None = Field(default=None, description="address the ZMQ sockets bind (default: the node's IP)")
     zmq_proxy: str | None = Field(
         None, pattern=r"^[^:\s]+:\d+$",
         description="host:port of a SOCKS5 proxy that every embedding and release push connects through "
@@ -200,16 +204,9 @@ class AppConfig(_Section):
 
     # --- what each service is given ----------------------------------------------------------
 
-    def engine_config(self) -> dict[str, Any]:
-        e = self.engine
-        config = EngineConfig(dtype=self.dtype, device=self.device, block_size=e.block_size,
-                              kv_cache_bytes=e.kv_cache_mb * MiB, kv_fp8=e.kv_fp8, max_num_seqs=e.max_num_seqs,
-                              max_num_batched_tokens=e.max_num_batched_tokens,
-                              max_prefill_tokens_while_decoding=e.max_prefill_tokens_while_decoding,
-                              prefix_caching=e.prefix_caching,
-                              ep_size=e.ep_size, ep_timeout_s=e.ep_timeout_s, threads_per_rank=e.threads_per_rank,
-                              stream_interval_s=e.stream_interval_ms / 1e3, trust_remote_code=self.trust_remote_code)
-        return config.__dict__.copy()
+    def engine_config(self) -> EngineConfig:
+        return EngineConfig(**fields_of(EngineTunables, self.engine), dtype=self.dtype, device=self.device,
+                            trust_remote_code=self.trust_remote_code)
 
     def rank_resources(self) -> dict[str, float]:
         return {"CPU": self.engine.cpus_per_rank, "GPU": self.engine.gpus_per_rank}
@@ -232,24 +229,18 @@ class AppConfig(_Section):
         """The router holds no model: it needs no CPU of its own, only its placement."""
         return _actor_options(0, 0, self.placement.router)
 
-    def vision_config(self) -> dict[str, Any]:
-        v = self.vision
-        config = VisionConfig(dtype=self.dtype, device=self.device, cache_bytes=int(v.cache_mb * MiB),
-                              lease_s=v.lease_s, max_batch=v.max_batch, max_wait_s=v.max_wait_s,
-                              max_pixels=v.max_pixels)
-        return config.__dict__.copy()
+    def vision_config(self) -> VisionConfig:
+        return VisionConfig(**fields_of(VisionTunables, self.vision), dtype=self.dtype, device=self.device)
 
-    def vision_client_config(self) -> dict[str, Any]:
-        return VisionClientConfig(self.vision.encode_timeout_s, self.vision.arrival_timeout_s).__dict__.copy()
+    def vision_client_config(self) -> VisionClientConfig:
+        return VisionClientConfig(**fields_of(VisionClientConfig, self.vision))
 
     def image_limits(self) -> ImageLimits:
         """The decoder's limits: the router checks image headers against the same ones."""
-        return ImageLimits(max_pixels=self.vision.max_pixels)
+        return ImageLimits(**fields_of(ImageLimits, self.vision))
 
     def request_limits(self) -> RequestLimits:
-        lim = self.limits
-        return RequestLimits(max_images=lim.max_images, max_image_bytes=int(lim.max_image_mb * MiB),
-                             max_stop_strings=lim.max_stop_strings, allow_http_images=self.image_urls.allow_http)
+        return RequestLimits(**fields_of(ContentLimits, self.limits), allow_http_images=self.image_urls.allow_http)
 
 
 def _actor_options(cpus: float, gpus: float, resources: dict[str, float]) -> dict[str, Any]:

@@ -90,6 +90,18 @@ class ImageTooLargeError(ImageError):
     """More pixels than the configured limit (decompression-bomb guard)."""
 
 
+class ImageKeyMismatchError(RuntimeServingError):
+    """The content key a request carries for an image is not the one its bytes hash to here: the
+    router and the vision pool disagree on the processor config, the model or the dtype (a
+    deployment out of step with itself), so the image's cached embeddings cannot be trusted.
+    Not an ImageError: the client's image is fine."""
+
+    def __init__(self, carried: str, computed: str) -> None:
+        super().__init__(f"the image's content key {carried[:16]}... is not {computed[:16]}..., the key of its bytes "
+                         "here (router and vision pool disagree on the processor config, model or dtype)")
+        self.carried, self.computed = carried, computed
+
+
 # --- requests ----------------------------------------------------------------------------------
 
 

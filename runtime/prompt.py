@@ -1,7 +1,7 @@
 """Chat messages -> prompt token ids, with the checkpoint's own chat template and tokenizer.
 
 The template renders one image placeholder token per image; each is then expanded to that image's
-token count (runtime.vision_service.preprocess.placeholder_count), as transformers' processor does.
+token count (runtime.images.placeholder_count), as transformers' processor does.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from jinja2 import TemplateError
 
 from runtime.checkpoint.tokenizer_loader import load_tokenizer, text_encoder
 from runtime.errors import RequestError
+from runtime.images import ProcessorConfig, placeholder_count
 from runtime.models.config import ModelConfig
-from runtime.vision_service.preprocess import ProcessorConfig, placeholder_count
 
 
 @dataclass(frozen=True)

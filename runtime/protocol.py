@@ -162,6 +162,7 @@ VisionMessage = EmbeddingHeader | EncodeError
 class ImagePayload(msgspec.Struct, tag="image", frozen=True):
     data: bytes
     placeholders: int  # the router's placeholder_count for this image
+    key: str  # the router's runtime.images.image_key: computed once, where the request enters
 
 
 class EncodeRequest(msgspec.Struct, tag="encode_request", frozen=True):
@@ -195,13 +196,16 @@ class ReleaseRequest(msgspec.Struct, tag="release", frozen=True):
 
 class GenerateRequest(msgspec.Struct, tag="generate_request", frozen=True):
     """A validated, tokenized request. `prompt_ids` already hold each image's placeholder run;
-    `image_keys` are the images' content keys (prefix-cache identity and routing affinity)."""
+    each image carries its content key (prefix-cache identity and routing affinity)."""
 
     request_id: str
     prompt_ids: list[int]
     sampling: SamplingParams
     images: list[ImagePayload] = []
-    image_keys: list[str] = []
+
+    @property
+    def image_keys(self) -> list[str]:
+        return [image.key for image in self.images]
 
 
 # --- admin operations: router -> every LM replica (a Serve handle call each) -> its engine --------

@@ -12,6 +12,9 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from pydantic import ConfigDict, Field
+from pydantic.dataclasses import dataclass as settings
+
 from runtime.errors import RequestError
 from runtime.protocol import SamplingParams
 from runtime.structured import STRUCTURED_FIELDS, parse_structured
@@ -115,11 +118,21 @@ def parse_count(body: dict[str, Any]) -> int:
     return _int(body.get("n", 1) if body.get("n") is not None else 1, "n", low=1, high=MAX_N)
 
 
-@dataclass(frozen=True)
-class RequestLimits:
-    max_images: int = 16
-    max_image_bytes: int = 20 * 1024 * 1024
-    max_stop_strings: int = 16
+@settings(frozen=True, config=ConfigDict(extra="forbid"))
+class ContentLimits:
+    """What one request may hold; the deploy YAML's `limits:` section is made of it (runtime.settings)."""
+
+    max_images: int = Field(default=16, ge=0)
+    max_image_mb: float = Field(default=20.0, gt=0)
+    max_stop_strings: int = Field(default=16, ge=0)
+
+    @property
+    def max_image_bytes(self) -> int:
+        return int(self.max_image_mb * 2**20)
+
+
+@settings(frozen=True, config=ConfigDict(extra="forbid"))
+class RequestLimits(ContentLimits):
     allow_http_images: bool = False  # http(s) image URLs are fetched by the router (runtime.router.fetch)
 
 

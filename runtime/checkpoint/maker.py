@@ -18,11 +18,12 @@ from safetensors.torch import save_file
 from runtime.checkpoint import names as N
 from runtime.checkpoint.presets import PRESETS, Preset
 from runtime.checkpoint.tokenizer import TOKENIZER_FORMATS, build_tokenizer, write_tiktoken_tokenizer, write_tokenizer
+from runtime.images import ProcessorConfig
 from runtime.models.config import ModelConfig, RopeConfig, TextConfig, VisionConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
-from runtime.models.int4 import Int4Scheme, pack_int4, quantize_int4
+from runtime.models.int4 import pack_int4, quantize_int4
+from runtime.models.int4_scheme import Int4Scheme
 from runtime.models.moonvit import VisionTower
-from runtime.vision_service.preprocess import ProcessorConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 

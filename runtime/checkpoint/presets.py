@@ -13,8 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from runtime.images import ProcessorConfig
 from runtime.models.config import RopeConfig, TextConfig, VisionConfig
-from runtime.vision_service.preprocess import ProcessorConfig
 
 _YARN = RopeConfig(
     theta=50000.0, kind="yarn", factor=4.0, original_max_position_embeddings=1024,

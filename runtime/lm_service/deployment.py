@@ -31,18 +31,17 @@ from runtime import logs, serve_compat
 from runtime.errors import RequestError
 from runtime.lm_service.admin import Admission
 from runtime.lm_service.async_engine import AsyncEngine
-from runtime.lm_service.engine import EngineConfig, EngineHooks
+from runtime.lm_service.engine import EngineHooks
 from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.engine_loop import error_output
 from runtime.lm_service.loading import build_engine
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
-from runtime.lm_service.vision_client import VisionClient, VisionClientConfig, encode_failure
+from runtime.lm_service.vision_client import VisionClient, encode_failure
 from runtime.protocol import AdminCall, AdminResult, ErrorKind, GenerateRequest, RequestOutput
+from runtime.settings import EngineConfig, VisionClientConfig
 from runtime.stats_board import Reporter, board, rss_bytes
 from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
-from runtime.vision_service.encoder import image_key
-from runtime.vision_service.preprocess import load_processor_config
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +67,14 @@ def _log_end(request_id: str, last: RequestOutput | None, seconds: float) -> Non
                   request_router_config={"request_router_class": "runtime.router.request_router:AffinityRouter",
                                          "request_routing_stats_period_s": 1.0})
 class LMService:
-    def __init__(self, model_dir: str, engine: dict[str, Any] | None = None, vision: Any = None,
-                 host: str | None = None, vision_client: dict[str, Any] | None = None,
+    def __init__(self, model_dir: str, engine: EngineConfig = EngineConfig(), vision: Any = None,
+                 host: str | None = None, vision_client: VisionClientConfig = VisionClientConfig(),
                  rank_resources: dict[str, float] | None = None, engine_process: bool = False,
                  proxy: str | None = None, log_level: logs.LogLevel = "INFO"):
         logs.to_serve(log_level)
         serve_compat.apply_in_replica()
-        self.config = EngineConfig(**(engine or {}))
+        self.config, self.model_dir = engine, model_dir
         torch.set_num_threads(self.config.threads_per_rank)
-        self.model_dir = model_dir
-        self.processor = load_processor_config(model_dir)
         host = host or node_ip()
         # The vision client is made once the engine's embedding inbox exists; the hooks reach it then.
         hooks = EngineHooks(need_embeddings=lambda rid, indexes: self.vision.encode_from_thread(rid, indexes),
@@ -100,7 +97,7 @@ class LMService:
                                         lambda error: local.fail(error.request_id, *encode_failure(error)), host)
             inbox_address = self.inbox.address
         self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address, proxy=proxy), self._fail,
-                                   self._when_missing, VisionClientConfig(**(vision_client or {})))
+                                   self._when_missing, vision_client)
         self.admission = Admission()
         self.replica = context.replica_id.unique_id
         self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)
@@ -131,12 +128,11 @@ class LMService:
             log.info("%s: refused: %s", rid, refusal)
             yield error_output(rid, refusal, ErrorKind.UNAVAILABLE)
             return
-        keys = request.image_keys or [image_key(i.data, self.processor, self.model_dir, self.config.dtype)
-                                      for i in request.images]
         if request.images:
             self.vision.expect(rid, request.images)
         try:
-            stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, tuple(keys)))
+            keys = tuple(request.image_keys)  # the router's; nothing here hashes an image again
+            stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, keys))
         except RequestError as e:
             log.info("%s: refused: %s", rid, e)
             self.vision.forget(rid)

@@ -26,46 +26,18 @@ from runtime.lm_service.runner import ImageRows, ModelRunner, StepInput
 from runtime.lm_service.sampling import choose_rows
 from runtime.lm_service.scheduler import ImageSpan, ScheduledChunk, Scheduler, SchedulerConfig, Sequence
 from runtime.lm_service.weights import drop_weights, reload_language_model
-from runtime.models.common import DTYPES
 from runtime.models.config import ModelConfig
 from runtime.models.deepseek_v3 import DeepseekV3LM
 from runtime.protocol import ErrorKind, RequestOutput
+from runtime.settings import EngineConfig
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    dtype: str = "float32"
-    device: str = "cpu"
-    block_size: int = 16
-    num_blocks: int | None = None  # None: as many as kv_cache_bytes holds
-    kv_cache_bytes: int = 256 * 2**20
-    kv_fp8: bool = False
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    max_prefill_tokens_while_decoding: int | None = 256  # see SchedulerConfig
-    prefix_caching: bool = True
-    batch_decodes: bool = True
-    ep_size: int = 1
-    ep_timeout_s: float = 120.0
-    threads_per_rank: int = 1
-    stream_interval_s: float = 0.0  # async streams merge outputs after the first over this interval
-    trust_remote_code: bool = False  # may the checkpoint's own tokenizer code run (runtime.checkpoint.tokenizer_loader)
-
-    def __post_init__(self) -> None:
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
-        if self.ep_size < 1:
-            raise ValueError("ep_size must be at least 1")
-
-    @property
-    def torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
-
-    def blocks_for(self, cfg: ModelConfig) -> int:
-        if self.num_blocks is not None:
-            return self.num_blocks
-        per_token = PagedLatentCache.bytes_per_token_limit(cfg.text, torch.uint8 if self.kv_fp8 else self.torch_dtype)
-        return max(1, self.kv_cache_bytes // (per_token * self.block_size))
+def kv_blocks_for(config: EngineConfig, cfg: ModelConfig) -> int:
+    """KV blocks of the engine: num_blocks when set, else as many as kv_cache_mb holds."""
+    if config.num_blocks is not None:
+        return config.num_blocks
+    per_token = PagedLatentCache.bytes_per_token_limit(cfg.text, torch.uint8 if config.kv_fp8 else config.torch_dtype)
+    return max(1, config.kv_cache_bytes // (per_token * config.block_size))
 
 
 def _no_embeddings_needed(request_id: str, image_indexes: list[int]) -> None:
@@ -123,7 +95,7 @@ class Engine:
         self.eos_token_ids, self.tokenizer = eos_token_ids, tokenizer
         self.hooks = hooks or EngineHooks()
         self.expert_group = expert_group
-        num_blocks = config.blocks_for(model_config)
+        num_blocks = kv_blocks_for(config, model_config)
         self.cache = PagedLatentCache(model_config.text, num_blocks, config.block_size, config.torch_dtype,
                                       config.device, config.kv_fp8)
         self.scheduler = Scheduler(SchedulerConfig(num_blocks, config.block_size, config.max_num_seqs,

@@ -28,7 +28,7 @@ import zmq
 from runtime import logs
 from runtime.lm_service.admin import reply_on
 from runtime.lm_service.async_engine import OutputStreams
-from runtime.lm_service.engine import EngineConfig, EngineHooks, EngineStats
+from runtime.lm_service.engine import EngineHooks, EngineStats
 from runtime.lm_service.engine_core import CoreSpec, run_engine_core
 from runtime.lm_service.engine_loop import EngineDeadError, error_output
 from runtime.lm_service.request_state import EngineRequest
@@ -54,6 +54,7 @@ from runtime.protocol import (
     ErrorKind,
     RequestOutput,
 )
+from runtime.settings import EngineConfig
 
 log = logging.getLogger(__name__)
 _encoder = msgspec.msgpack.Encoder()

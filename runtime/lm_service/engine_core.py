@@ -25,7 +25,7 @@ import zmq
 
 from runtime import logs
 from runtime.lm_service.admin import EngineAdmin
-from runtime.lm_service.engine import EngineConfig, EngineHooks, EngineStats
+from runtime.lm_service.engine import EngineHooks, EngineStats
 from runtime.lm_service.engine_loop import EngineLoop
 from runtime.lm_service.loading import build_engine
 from runtime.lm_service.request_state import EngineRequest
@@ -50,6 +50,7 @@ from runtime.protocol import (
     EmbeddingHeader,
     EncodeError,
 )
+from runtime.settings import EngineConfig
 from runtime.transport import EmbeddingInbox
 
 log = logging.getLogger(__name__)

@@ -13,12 +13,13 @@ from typing import Any
 
 from runtime.checkpoint.loader import load_language_model
 from runtime.checkpoint.tokenizer_loader import load_tokenizer
-from runtime.lm_service.engine import Engine, EngineConfig, EngineHooks
+from runtime.lm_service.engine import Engine, EngineHooks
 from runtime.lm_service.expert_parallel import ExpertGroup, RankLauncher, spawn_process
 from runtime.lm_service.weights import local_loader
 from runtime.models.config import ModelConfig, load_model_config
 from runtime.models.deepseek_v3 import DeepseekV3LM
 from runtime.prompt import GenerationDefaults
+from runtime.settings import EngineConfig
 
 
 @dataclass

@@ -11,15 +11,18 @@ from typing import Any
 import torch
 
 from runtime.checkpoint.loader import load_vision
-from runtime.lm_service.engine import EngineConfig, EngineHooks, placeholder_runs
+from runtime.images import ImageLimits, image_key, load_processor_config
+from runtime.lm_service.engine import EngineHooks, placeholder_runs
 from runtime.lm_service.loading import build_engine
 from runtime.lm_service.request_state import EngineRequest
 from runtime.lm_service.runner import ImageRows, StepInput
 from runtime.prompt import GenerationDefaults, PromptBuilder
 from runtime.protocol import ExpertRouting, RequestOutput
 from runtime.requests import ChatRequest, SamplingParams
-from runtime.vision_service.encoder import image_key
-from runtime.vision_service.preprocess import ImageLimits, decode_image, load_processor_config, preprocess_batch
+from runtime.settings import EngineConfig
+
+# The in-process stand-in for the vision pool: the one user of the pool's pixel code outside it.
+from runtime.vision_service.preprocess import decode_image, preprocess_batch
 
 
 @dataclass

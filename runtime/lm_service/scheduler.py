@@ -20,16 +20,18 @@ from runtime.lm_service.kv_blocks import BlockPool, BlockTable, block_hash
 
 @dataclass(frozen=True)
 class SchedulerConfig:
+    """The engine's settings that the scheduler reads (their defaults are EngineConfig's)."""
+
     num_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 1024
-    prefix_caching: bool = True
+    block_size: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    prefix_caching: bool
     # Prompt tokens a step may take while it also decodes (None: the whole budget). A step's time
     # grows with its prompt tokens and every running stream waits for it: a cap spreads a burst of
     # arrivals over several short steps (each admission's TTFT barely moves: the decodes between
     # them are cheap), instead of one long gap in every stream.
-    max_prefill_tokens_while_decoding: int | None = None
+    max_prefill_tokens_while_decoding: int | None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from runtime.protocol import EncodeError, EncodeRequest, ErrorKind, ImagePayload
+from runtime.settings import VisionClientConfig
 from runtime.transport import EmbeddingSender
 
 log = logging.getLogger(__name__)
@@ -32,12 +33,6 @@ MissingEmbeddings = Callable[[str, list[int], Callable[[list[int]], None]], None
 def encode_failure(error: EncodeError) -> tuple[str, ErrorKind]:
     """How an image that failed to encode fails its request: (message, error kind)."""
     return f"image {error.image_index}: {error.message}", ErrorKind(error.error_type).of_request()
-
-
-@dataclass(frozen=True)
-class VisionClientConfig:
-    encode_timeout_s: float = 120.0  # the handle call (queueing at the vision pool included)
-    arrival_timeout_s: float = 30.0  # embeddings pushed but not arrived by then: the request fails
 
 
 @dataclass

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from runtime.errors import CheckpointError, UnsupportedConfigError
-from runtime.models.int4 import Int4Scheme, parse_quantization_config
+from runtime.models.int4_scheme import Int4Scheme, parse_quantization_config
 
 ConfigDialect = Literal["original", "transformers"]
 

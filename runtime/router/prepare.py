@@ -10,13 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from runtime.errors import ImageError, RequestError
+from runtime.images import ImageLimits, image_key, image_size, load_processor_config, placeholder_count
 from runtime.models.config import load_model_config
 from runtime.prompt import GenerationDefaults, PromptBuilder
 from runtime.protocol import GenerateRequest, ImagePayload
 from runtime.requests import ChatRequest
 from runtime.router.tool_calls import tool_markers_problem
-from runtime.vision_service.encoder import image_key
-from runtime.vision_service.preprocess import ImageLimits, image_size, load_processor_config, placeholder_count
 
 
 class RequestPreparer:
@@ -43,7 +42,10 @@ class RequestPreparer:
             raise RequestError(f"this checkpoint cannot call tools: {self.tools_problem}", "tools")
         sizes = self.image_sizes(chat.images)
         ids = self.prompts.token_ids(chat.messages, sizes, chat.tools, chat.chat_template_kwargs)
-        payloads = [ImagePayload(data, placeholder_count(h, w, self.processor))
+        payloads = [ImagePayload(data, placeholder_count(h, w, self.processor), self.image_key(data))
                     for data, (h, w) in zip(chat.images, sizes, strict=True)]
-        keys = [image_key(data, self.processor, self.model_dir, self.dtype) for data in chat.images]
-        return GenerateRequest(request_id, ids, chat.sampling, payloads, keys)
+        return GenerateRequest(request_id, ids, chat.sampling, payloads)
+
+    def image_key(self, data: bytes) -> str:
+        """Computed here once per image; every service downstream uses the key the request carries."""
+        return image_key(data, self.processor, self.model_dir, self.dtype)

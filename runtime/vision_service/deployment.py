@@ -19,22 +19,23 @@ from ray import serve
 
 from runtime import logs, serve_compat
 from runtime.protocol import EncodeAccepted, EncodeRequest
+from runtime.settings import VisionConfig
 from runtime.stats_board import Reporter, rss_bytes
 from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
-from runtime.vision_service.encoder import ImageInput, VisionConfig, VisionEncoder
+from runtime.vision_service.encoder import ImageInput, VisionEncoder
 
 log = logging.getLogger(__name__)
 
 
 @serve.deployment(name="VisionService", ray_actor_options={"num_cpus": 1})
 class VisionService:
-    def __init__(self, model_dir: str, config: dict[str, Any] | None = None, host: str | None = None,
+    def __init__(self, model_dir: str, config: VisionConfig = VisionConfig(), host: str | None = None,
                  proxy: str | None = None, log_level: logs.LogLevel = "INFO"):
         import torch
 
         logs.to_serve(log_level)
         serve_compat.apply_in_replica()
-        self.config = VisionConfig(**(config or {}))
+        self.config = config
         torch.set_num_threads(1)
         host = host or node_ip()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -53,7 +54,7 @@ class VisionService:
 
     async def encode(self, request: EncodeRequest) -> EncodeAccepted:
         self._loop = asyncio.get_running_loop()
-        images = [ImageInput(i.data, i.placeholders) for i in request.images]
+        images = [ImageInput(i.data, i.placeholders, i.key) for i in request.images]
         encoded = await self.encoder.encode(request.request_id, images, request.reply_to, request.indexes())
         return EncodeAccepted(self.releases.address, encoded)
 

@@ -11,28 +11,21 @@ request's cache references. Decoding and the model run in worker threads, off th
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from runtime.cache.embedding_cache import EmbeddingCache, EmbeddingTooLargeError, embedding_key
+from runtime.cache.embedding_cache import EmbeddingCache, EmbeddingTooLargeError
 from runtime.checkpoint.loader import load_vision
-from runtime.errors import ImageError, ImageTooLargeError
-from runtime.models.common import DTYPES
+from runtime.errors import ImageError, ImageKeyMismatchError, ImageTooLargeError
+from runtime.images import ImageLimits, image_key, load_processor_config, placeholder_count
 from runtime.models.config import load_model_config
 from runtime.protocol import ErrorKind
+from runtime.settings import VisionConfig
 from runtime.transport import EmbeddingSender
-from runtime.vision_service.preprocess import (
-    ImageLimits,
-    ProcessorConfig,
-    decode_image,
-    load_processor_config,
-    placeholder_count,
-    preprocess,
-)
+from runtime.vision_service.preprocess import decode_image, preprocess
 
 log = logging.getLogger(__name__)
 # What a request hears when encoding its image failed on our side: the traceback is in our log.
@@ -40,26 +33,10 @@ ENCODE_FAILED = "the vision pool failed to encode this image; the vision replica
 
 
 @dataclass(frozen=True)
-class VisionConfig:
-    dtype: str = "float32"
-    device: str = "cpu"
-    cache_bytes: int = 256 * 2**20
-    lease_s: float = 600.0
-    max_batch: int = 16
-    max_wait_s: float = 0.005
-    max_pixels: int = ImageLimits().max_pixels
-
-
-@dataclass(frozen=True)
 class ImageInput:
     data: bytes
     placeholders: int  # the router's count (placeholder_count); checked against ours
-
-
-def image_key(data: bytes, processor: ProcessorConfig, model_dir: str | Path, dtype: str) -> str:
-    """The image's content key: its bytes plus everything its embeddings depend on. The vision
-    cache and the engine's prefix cache both key on it."""
-    return embedding_key(data, json.dumps(asdict(processor), sort_keys=True), str(Path(model_dir).resolve()), dtype)
+    key: str  # the router's image_key; checked against ours before the cache trusts it
 
 
 class _Batcher:
@@ -107,10 +84,10 @@ class VisionEncoder:
         self.config = config
         model_config = load_model_config(model_dir)
         self.processor = load_processor_config(model_dir)
-        self.dtype = DTYPES[config.dtype]
+        self.dtype = config.torch_dtype
         self.tower = load_vision(model_dir, model_config, self.dtype, config.device)
         self.hidden = model_config.text.hidden_size
-        self.limits = ImageLimits(max_pixels=config.max_pixels)
+        self.limits: ImageLimits = config  # a VisionConfig is its own ImageLimits
         self.cache: EmbeddingCache[torch.Tensor] = EmbeddingCache(config.cache_bytes, config.lease_s)
         self.sender = sender or EmbeddingSender(sender_id)
         self.model_dir = model_dir
@@ -129,11 +106,24 @@ class VisionEncoder:
                                          for i, image in zip(indexes, images, strict=True)))
         return sum(results)
 
+    def _checked_key(self, image: ImageInput) -> str:
+        """The carried key, once the bytes are shown to hash to it: the cache must never hand one
+        image's embeddings to another's bytes (a router with another processor config, model path
+        or dtype than ours computes other keys)."""
+        ours = image_key(image.data, self.processor, self.model_dir, self.config.dtype)
+        if image.key != ours:
+            raise ImageKeyMismatchError(image.key, ours)
+        return ours
+
     async def _encode_one(self, request_id: str, index: int, image: ImageInput, reply_to: str) -> bool:
-        key = image_key(image.data, self.processor, self.model_dir, self.config.dtype)
         nbytes = image.placeholders * self.hidden * self.dtype.itemsize
         try:
+            key = self._checked_key(image)
             embeds = await self.cache.get_or_compute(request_id, key, nbytes, lambda: self._compute(image))
+        except ImageKeyMismatchError as e:  # our peers disagree with us, not the client's fault
+            log.error("%s: image %d: %s", request_id, index, e)
+            self.sender.send_error(reply_to, request_id, index, ENCODE_FAILED, ErrorKind.INTERNAL)
+            return False
         except (EmbeddingTooLargeError, ImageTooLargeError) as e:
             log.info("%s: image %d refused: %s", request_id, index, e)
             self.sender.send_error(reply_to, request_id, index, str(e), ErrorKind.IMAGE_TOO_LARGE)

@@ -10,12 +10,12 @@ from tests.integration.workload import png
 
 
 def test_release_format_serves_with_trust_remote_code(checkpoints) -> None:
-    from runtime.lm_service.engine import EngineConfig
     from runtime.lm_service.offline import OfflineLLM
     from runtime.requests import parse_chat_request
+    from runtime.settings import EngineConfig
 
     request = body("这是什么？ Describe it 👋", [png(112, 84, seed=3)], return_token_ids=True, max_tokens=10)
-    standard = OfflineLLM(checkpoints("tiny"), EngineConfig(kv_cache_bytes=8 << 20))
+    standard = OfflineLLM(checkpoints("tiny"), EngineConfig(kv_cache_mb=8))
     try:
         expected = standard.generate(parse_chat_request(request, standard.defaults.sampling))
     finally:

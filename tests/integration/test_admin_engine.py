@@ -14,13 +14,14 @@ import pytest
 from safetensors.torch import load_file, save_file
 
 from runtime.lm_service.async_engine import AsyncEngine
-from runtime.lm_service.engine import EngineConfig, EngineHooks
+from runtime.lm_service.engine import EngineHooks
 from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.loading import build_engine
 from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import AdminAbort, AdminSleep, AdminUpdateWeights, AdminWake, SamplingParams
+from runtime.settings import EngineConfig
 
-CONFIG = EngineConfig(kv_cache_bytes=8 << 20, block_size=4)
+CONFIG = EngineConfig(kv_cache_mb=8, block_size=4, stream_interval_ms=0)  # each output streamed alone
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
 PROMPT = [5, 6, 7, 8, 9, 10, 11]
 
@@ -128,7 +129,7 @@ def test_expert_parallel_update_sleep_and_wake(checkpoints, tmp_path) -> None:
     # The original dialect stores each expert apart, so one of rank 1's experts can be missing alone.
     a, b = checkpoints("tiny", "original"), checkpoints("tiny", "original", seed=1)
     want_a, want_b = greedy_of(a), greedy_of(b)
-    config = EngineConfig(kv_cache_bytes=8 << 20, block_size=4, ep_size=2)
+    config = EngineConfig(kv_cache_mb=8, block_size=4, ep_size=2, stream_interval_ms=0)
 
     def drop_expert(t: dict) -> None:  # the last expert belongs to rank 1: only that rank notices
         experts = [n for n in t if re.search(r"\.experts\.\d+\.", n)]

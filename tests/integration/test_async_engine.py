@@ -8,12 +8,12 @@ import dataclasses
 import msgspec
 
 from runtime.lm_service.async_engine import AsyncEngine
-from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import OfflineLLM
 from runtime.lm_service.request_state import EngineRequest
+from runtime.settings import EngineConfig
 from tests.integration.workload import mixed
 
-CONFIG = EngineConfig(kv_cache_bytes=8 << 20, block_size=4)
+CONFIG = EngineConfig(kv_cache_mb=8, block_size=4, stream_interval_ms=0)  # each output streamed alone
 
 
 def test_streams_add_up_and_leaving_aborts(checkpoints) -> None:

@@ -11,14 +11,14 @@ import pytest
 import torch
 
 from runtime.checkpoint.loader import load_language_model, routed_expert_bytes
-from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import OfflineLLM
 from runtime.models.config import load_model_config
 from runtime.requests import ChatRequest, SamplingParams
+from runtime.settings import EngineConfig
 from tests.integration.workload import chat, mixed, png, reference_inputs
 from tests.reference import reference_greedy, reference_model
 
-SMALL = EngineConfig(kv_cache_bytes=8 << 20, block_size=4, prefix_caching=False)
+SMALL = EngineConfig(kv_cache_mb=8, block_size=4, prefix_caching=False)
 
 
 def _run_alone(llm: OfflineLLM, requests: list[ChatRequest]) -> list[list[int]]:

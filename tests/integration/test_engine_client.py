@@ -10,15 +10,16 @@ import signal
 import threading
 import time
 
-from runtime.lm_service.engine import EngineConfig, EngineHooks
+from runtime.lm_service.engine import EngineHooks
 from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.offline import OfflineLLM
 from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import SamplingParams
+from runtime.settings import EngineConfig
 from runtime.transport import EmbeddingSender
 from tests.integration.workload import mixed
 
-CONFIG = EngineConfig(kv_cache_bytes=8 << 20, block_size=4)
+CONFIG = EngineConfig(kv_cache_mb=8, block_size=4, stream_interval_ms=0)  # each output streamed alone
 
 
 class Recorder:

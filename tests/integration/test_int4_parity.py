@@ -9,16 +9,16 @@ import dataclasses
 import pytest
 
 from runtime.checkpoint.loader import load_language_model, routed_expert_bytes
-from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import OfflineLLM
 from runtime.models.experts import Int4RoutedExperts
 from runtime.requests import ChatRequest, SamplingParams
+from runtime.settings import EngineConfig
 from tests.integration.workload import chat, png, reference_inputs
 from tests.reference import reference_greedy, reference_model
 
 PRESETS = ["tiny", "odd", "mla576"]
 DIALECTS = ["transformers", "original"]
-SMALL = EngineConfig(kv_cache_bytes=8 << 20, block_size=4, prefix_caching=False)
+SMALL = EngineConfig(kv_cache_mb=8, block_size=4, prefix_caching=False)
 
 
 def _requests() -> list[ChatRequest]:

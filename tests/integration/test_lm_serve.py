@@ -12,10 +12,12 @@ from ray import serve
 
 from runtime.protocol import GenerateRequest, ImagePayload, SamplingParams
 from runtime.router.prepare import RequestPreparer
+from runtime.settings import EngineConfig, VisionClientConfig, VisionConfig
 from tests.integration.workload import chat, mixed, png, reference_inputs
 from tests.reference import reference_greedy, reference_model
 
-ENGINE = {"num_blocks": 40, "block_size": 8, "max_num_seqs": 8}  # small: a busy replica preempts
+# Small: a busy replica preempts. Each output streamed alone.
+ENGINE = EngineConfig(num_blocks=40, block_size=8, max_num_seqs=8, stream_interval_ms=0)
 
 
 @pytest.fixture(scope="module")
@@ -26,8 +28,9 @@ def app(checkpoints):
     path = checkpoints("tiny")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    vision = VisionService.options(num_replicas=1).bind(str(path), {"max_wait_s": 0.01}, "127.0.0.1")
-    lm = LMService.options(num_replicas=1).bind(str(path), ENGINE, vision, "127.0.0.1", {"arrival_timeout_s": 20})
+    vision = VisionService.options(num_replicas=1).bind(str(path), VisionConfig(max_wait_s=0.01), "127.0.0.1")
+    lm = LMService.options(num_replicas=1).bind(str(path), ENGINE, vision, "127.0.0.1",
+                                                 VisionClientConfig(arrival_timeout_s=20))
     handle = serve.run(lm, name="lm", route_prefix=None)
     yield path, handle, serve.get_deployment_handle("VisionService", app_name="lm")
     serve.shutdown()
@@ -97,8 +100,9 @@ def test_mixed_workload_with_aborts_and_failures_leaves_nothing_referenced(app) 
     jobs += [(f"w{i}", prep.prepare(f"w{i}", r), None) for i, r in enumerate(requests)]
     jobs += [(f"leave{k}", prep.prepare(f"leave{k}", requests[k]), 2) for k in range(1, 4)]
     bad = prep.prepare("bad", requests[-1])  # one image; its header is fine, its pixels are not
-    bad_image = ImagePayload(shared[: len(shared) // 2], bad.images[0].placeholders)
-    jobs.append(("bad", GenerateRequest("bad", bad.prompt_ids, bad.sampling, [bad_image], ["k"]), None))
+    truncated = shared[: len(shared) // 2]
+    bad_image = ImagePayload(truncated, bad.images[0].placeholders, prep.image_key(truncated))
+    jobs.append(("bad", GenerateRequest("bad", bad.prompt_ids, bad.sampling, [bad_image]), None))
     long = GenerateRequest("long", [1] * 5000, requests[0].sampling)  # more than the engine can ever hold
     jobs.append(("long", long, None))
     before = lm.stats.remote().result(timeout_s=30)["engine"]["preemptions"]
@@ -158,7 +162,7 @@ def test_lost_or_late_embeddings_fail_the_request_with_a_timeout(app, delay_s) -
     prep = RequestPreparer(path, "float32", trust_remote_code=False)
     name = f"lm-lossy-{'late' if delay_s else 'dropped'}"
     handle = serve.run(LMService.options(name="LMLossy", ray_actor_options={"num_cpus": 0}).bind(
-        str(path), ENGINE, LateVision.bind(64, delay_s), "127.0.0.1", {"arrival_timeout_s": 1.0}),
+        str(path), ENGINE, LateVision.bind(64, delay_s), "127.0.0.1", VisionClientConfig(arrival_timeout_s=1.0)),
         name=name, route_prefix=None)
     try:
         request = prep.prepare("lossy", chat("x", [png(56, 56, seed=1)], mixed(1)[0].sampling))

@@ -6,14 +6,14 @@ import pytest
 
 from runtime.cli import sample_image_data_url
 from runtime.errors import RemoteCodeRefusedError
-from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import OfflineLLM
 from runtime.requests import parse_chat_request
+from runtime.settings import EngineConfig
 
 
 @pytest.fixture(scope="module")
 def model(checkpoints) -> OfflineLLM:
-    return OfflineLLM(checkpoints("tiny"), EngineConfig(kv_cache_bytes=8 << 20))
+    return OfflineLLM(checkpoints("tiny"), EngineConfig(kv_cache_mb=8))
 
 
 def _run(model: OfflineLLM, **sampling):
@@ -59,7 +59,7 @@ def test_release_tokenizer_generates_what_the_standard_one_does(checkpoints, mod
     with an image. Its vocabulary maps like the standard one's and the weights are the same, so the prompt ids,
     the greedy ids and the text agree."""
     release = OfflineLLM(checkpoints("tiny", tokenizer="tiktoken"),
-                         EngineConfig(kv_cache_bytes=8 << 20, trust_remote_code=True))
+                         EngineConfig(kv_cache_mb=8, trust_remote_code=True))
     image = {"type": "image_url", "image_url": {"url": sample_image_data_url()}}
     body = {"messages": [{"role": "user", "content": [image, {"type": "text", "text": "Describe the image in one "
                                                                                       "sentence."}]}],
@@ -79,7 +79,7 @@ def test_release_tokenizer_without_trust_is_refused_before_the_weights(checkpoin
 
     monkeypatch.setattr(loading, "load_language_model", _never)
     with pytest.raises(RemoteCodeRefusedError, match="--trust-remote-code"):
-        OfflineLLM(checkpoints("tiny", tokenizer="tiktoken"), EngineConfig(kv_cache_bytes=8 << 20))
+        OfflineLLM(checkpoints("tiny", tokenizer="tiktoken"), EngineConfig(kv_cache_mb=8))
 
 
 def _never(*args, **kwargs):

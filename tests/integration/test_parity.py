@@ -13,10 +13,11 @@ import pytest
 import torch
 from PIL import Image
 
-from runtime.lm_service.engine import EngineConfig, placeholder_runs
+from runtime.lm_service.engine import placeholder_runs
 from runtime.lm_service.offline import OfflineLLM
 from runtime.lm_service.runner import ImageRows, StepInput
 from runtime.requests import SamplingParams
+from runtime.settings import EngineConfig
 from tests.latent_kv import ContiguousLatentKV, SequenceBatch
 from tests.reference import reference_decode, reference_greedy, reference_image_processor, reference_model
 
@@ -65,7 +66,7 @@ def _reference_inputs(model: OfflineLLM, images: list[bytes], messages: list[dic
 @pytest.mark.parametrize("preset", PRESETS)
 def test_matches_transformers(checkpoints, preset: str, dialect: str) -> None:
     path = checkpoints(preset, dialect)
-    ours, ref = OfflineLLM(path, EngineConfig(kv_cache_bytes=8 << 20)), reference_model(str(path))
+    ours, ref = OfflineLLM(path, EngineConfig(kv_cache_mb=8)), reference_model(str(path))
     for case, sizes in PROMPTS.items():
         images = [_png(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
         messages = _messages(len(images))
@@ -130,7 +131,7 @@ def _teacher_forced_logits(model: OfflineLLM, ids: list[int], embeds: list[torch
 @pytest.mark.parametrize("preset", PRESETS)
 def test_bf16_matches_float32_reference(checkpoints, preset: str, dialect: str, record_property) -> None:
     path = checkpoints(preset, dialect)
-    ours = OfflineLLM(path, EngineConfig(dtype="bfloat16", kv_cache_bytes=4 << 20))
+    ours = OfflineLLM(path, EngineConfig(dtype="bfloat16", kv_cache_mb=4))
     ref = reference_model(str(path))
     errors, margins, agree = [], [], []
     for sizes in PROMPTS.values():

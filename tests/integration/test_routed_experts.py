@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import GenerationResult, OfflineLLM
 from runtime.protocol import ExpertRouting
 from runtime.requests import ChatRequest, SamplingParams
+from runtime.settings import EngineConfig
 from tests.integration.workload import mixed, reference_inputs
 from tests.reference import reference_model, reference_routing
 
 # A 16-token budget chunks every prompt's prefill and mixes it with other requests' decodes.
-CHUNKED = EngineConfig(kv_cache_bytes=8 << 20, block_size=4, prefix_caching=False, max_num_batched_tokens=16)
+CHUNKED = EngineConfig(kv_cache_mb=8, block_size=4, prefix_caching=False, max_num_batched_tokens=16)
 
 
 def _asking(requests: list[ChatRequest]) -> list[ChatRequest]:

@@ -11,14 +11,15 @@ import re
 import jsonschema  # installed with ray[serve]
 import pytest
 
-from runtime.lm_service.engine import EngineConfig, EngineHooks
+from runtime.lm_service.engine import EngineHooks
 from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.offline import OfflineLLM
 from runtime.lm_service.request_state import EngineRequest
 from runtime.requests import RequestLimits, SamplingParams, parse_sampling
+from runtime.settings import EngineConfig
 from tests.integration.workload import chat, mixed
 
-SMALL = EngineConfig(kv_cache_bytes=8 << 20, block_size=4, prefix_caching=False)
+SMALL = EngineConfig(kv_cache_mb=8, block_size=4, prefix_caching=False)
 SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer"}},
           "required": ["name", "age"]}
 JSON_SCHEMA = {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA,

@@ -10,10 +10,10 @@ import jsonschema
 import pytest
 
 from runtime.checkpoint.maker import make_checkpoint
-from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.offline import OfflineLLM
 from runtime.requests import parse_chat_request
 from runtime.router.assistant import AssistantStream, ToolUse, merge_deltas
+from runtime.settings import EngineConfig
 from runtime.tools import ARGS_BEGIN, CALL_BEGIN, CALL_END, SECTION_BEGIN, SECTION_END
 from tests.steering import steer_checkpoint
 
@@ -28,7 +28,7 @@ BODY = {"messages": [{"role": "user", "content": "Search for 7."}], "temperature
 def model(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("steered") / "tiny", "tiny", 0, "transformers")
     ids = steer_checkpoint(path, ANSWER)
-    llm = OfflineLLM(path, EngineConfig(kv_cache_bytes=8 << 20))
+    llm = OfflineLLM(path, EngineConfig(kv_cache_mb=8))
     yield llm, ids
     llm.close()
 

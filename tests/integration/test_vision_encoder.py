@@ -13,10 +13,12 @@ import torch
 from PIL import Image
 
 from runtime.checkpoint.loader import load_vision
+from runtime.images import image_key, load_processor_config, placeholder_count
 from runtime.protocol import EncodeError
+from runtime.settings import VisionConfig
 from runtime.transport import EmbeddingInbox
-from runtime.vision_service.encoder import ENCODE_FAILED, ImageInput, VisionConfig, VisionEncoder
-from runtime.vision_service.preprocess import decode_image, load_processor_config, placeholder_count, preprocess
+from runtime.vision_service.encoder import ENCODE_FAILED, ImageInput, VisionEncoder
+from runtime.vision_service.preprocess import decode_image, preprocess
 from tests.integration.workload import png
 
 
@@ -31,9 +33,13 @@ def setup(checkpoints):
     inbox.close()
 
 
+def _key(path, data: bytes) -> str:
+    return image_key(data, load_processor_config(path), path, "float32")
+
+
 def _input(path, data: bytes) -> ImageInput:
     im = decode_image(data)
-    return ImageInput(data, placeholder_count(im.height, im.width, load_processor_config(path)))
+    return ImageInput(data, placeholder_count(im.height, im.width, load_processor_config(path)), _key(path, data))
 
 
 def _drain(got: queue.Queue, n: int) -> list:
@@ -82,10 +88,10 @@ def _bad_images(path) -> dict[str, ImageInput]:
     huge = io.BytesIO()
     Image.new("L", (8000, 6000)).save(huge, format="PNG")
     return {
-        "not an image": ImageInput(b"hello, world", 4),
-        "truncated": ImageInput(good[: len(good) // 2], 4),
-        "too many pixels": ImageInput(huge.getvalue(), 4),
-        "wrong placeholder count": ImageInput(good, 999),
+        "not an image": ImageInput(b"hello, world", 4, _key(path, b"hello, world")),
+        "truncated": ImageInput(good[: len(good) // 2], 4, _key(path, good[: len(good) // 2])),
+        "too many pixels": ImageInput(huge.getvalue(), 4, _key(path, huge.getvalue())),
+        "wrong placeholder count": ImageInput(good, 999, _key(path, good)),
     }
 
 
@@ -101,7 +107,7 @@ def test_bad_images_fail_their_request_alone(checkpoints, setup) -> None:
             assert len(errors) == 1 and errors[0].request_id == name and errors[0].image_index == 0, name
             assert errors[0].error_type in ("invalid_image", "image_too_large"), name
             encoder.release(name)
-        tiny_budget = VisionEncoder(path, VisionConfig(cache_bytes=100), "vision-small")
+        tiny_budget = VisionEncoder(path, VisionConfig(cache_mb=100 / 2**20), "vision-small")
         assert asyncio.run(tiny_budget.encode("big", [_input(path, png(56, 56, seed=11))], inbox.address)) == 0
         (error,) = _drain(got, 1)
         assert error.error_type == "image_too_large" and "budget" in error.message

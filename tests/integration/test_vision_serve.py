@@ -12,9 +12,11 @@ import torch
 from ray import serve
 
 from runtime.checkpoint.loader import load_vision
+from runtime.images import image_key, load_processor_config, placeholder_count
 from runtime.protocol import EncodeError, EncodeRequest, ImagePayload
+from runtime.settings import VisionConfig
 from runtime.transport import EmbeddingInbox, EmbeddingSender
-from runtime.vision_service.preprocess import decode_image, load_processor_config, placeholder_count, preprocess
+from runtime.vision_service.preprocess import decode_image, preprocess
 from tests.integration.workload import png
 
 
@@ -25,7 +27,7 @@ def vision_app(checkpoints):
     path = checkpoints("tiny")
     ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
              runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    handle = serve.run(VisionService.options(num_replicas=1).bind(str(path), {"max_wait_s": 0.01},
+    handle = serve.run(VisionService.options(num_replicas=1).bind(str(path), VisionConfig(max_wait_s=0.01),
                                                                    "127.0.0.1"),
                        name="vision", route_prefix=None)
     yield path, handle
@@ -33,9 +35,13 @@ def vision_app(checkpoints):
     ray.shutdown()
 
 
+def _key(path, data: bytes) -> str:
+    return image_key(data, load_processor_config(path), path, "float32")
+
+
 def _payload(path, data: bytes) -> ImagePayload:
     im = decode_image(data)
-    return ImagePayload(data, placeholder_count(im.height, im.width, load_processor_config(path)))
+    return ImagePayload(data, placeholder_count(im.height, im.width, load_processor_config(path)), _key(path, data))
 
 
 def _release_and_count_live(handle, sender: EmbeddingSender, releases: list[tuple[str, str]]) -> int:
@@ -66,7 +72,8 @@ def test_encode_push_release_through_serve(vision_app) -> None:
     path, handle = vision_app
     with _lm_side("lm-test") as (got, inbox, sender):
         image = png(140, 112, seed=21)
-        request = EncodeRequest("req-1", [_payload(path, image), ImagePayload(b"junk", 4)], inbox.address)
+        junk = ImagePayload(b"junk", 4, _key(path, b"junk"))
+        request = EncodeRequest("req-1", [_payload(path, image), junk], inbox.address)
         accepted = handle.encode.remote(request).result(timeout_s=60)
         messages = [got.get(timeout=30) for _ in range(2)]
         header, received = next(m for m in messages if not isinstance(m, EncodeError))
@@ -107,7 +114,7 @@ def test_small_budget_is_never_exceeded_and_lost_releases_expire(vision_app) -> 
     path, _ = vision_app
     one = 9 * 64 * 4  # an 84x84 image: 9 tokens of the tiny model's hidden size 64, float32
     small = serve.run(VisionService.options(name="VisionSmall").bind(
-        str(path), {"cache_bytes": 3 * one + 100, "lease_s": 1.0, "max_wait_s": 0.0}, "127.0.0.1"),
+        str(path), VisionConfig(cache_mb=(3 * one + 100) / 2**20, lease_s=1.0, max_wait_s=0.0), "127.0.0.1"),
         name="vision-small", route_prefix=None)
     got: queue.Queue = queue.Queue()
     inbox = EmbeddingInbox(lambda h, t: got.put(h), got.put)

@@ -15,7 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from runtime.errors import ImageError, ImageTooLargeError
-from runtime.vision_service.preprocess import ImageLimits, decode_image, image_size
+from runtime.images import ImageLimits, image_size
+from runtime.vision_service.preprocess import decode_image
 
 LIMITS = ImageLimits(max_pixels=4_000_000)
 

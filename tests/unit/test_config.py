@@ -7,15 +7,15 @@ from pydantic import ValidationError
 
 from runtime.config import AppConfig
 from runtime.errors import RemoteCodeRefusedError
-from runtime.lm_service.engine import EngineConfig
-from runtime.vision_service.encoder import VisionConfig
+from runtime.settings import EngineConfig, VisionConfig
 
 
 def test_defaults_build_valid_service_configs() -> None:
     config = AppConfig()
     assert config.name == "tiny"
-    assert EngineConfig(**config.engine_config()).kv_cache_bytes == 256 * 2**20
-    assert VisionConfig(**config.vision_config()).cache_bytes == 256 * 2**20
+    assert isinstance(config.engine_config(), EngineConfig) and isinstance(config.vision_config(), VisionConfig)
+    assert config.engine_config().kv_cache_bytes == 256 * 2**20
+    assert config.vision_config().cache_bytes == 256 * 2**20
     assert "placement_group_bundles" not in config.lm_options()
 
 
@@ -100,8 +100,8 @@ def test_checkpoint_code_needs_trust_remote_code(checkpoints) -> None:
     with pytest.raises(RemoteCodeRefusedError, match="trust_remote_code: true"):
         AppConfig.model_validate({"model": path})
     config = AppConfig.model_validate({"model": path, "trust_remote_code": True})
-    assert EngineConfig(**config.engine_config()).trust_remote_code
-    assert not EngineConfig(**AppConfig().engine_config()).trust_remote_code
+    assert config.engine_config().trust_remote_code
+    assert not AppConfig().engine_config().trust_remote_code
 
 
 def test_admin_is_off_by_default_and_needs_the_api_key() -> None:

@@ -4,9 +4,9 @@ import pytest
 
 from runtime.checkpoint.tokenizer_loader import load_tokenizer
 from runtime.errors import RequestError
+from runtime.images import ProcessorConfig, load_processor_config, placeholder_count
 from runtime.models.config import load_model_config
 from runtime.prompt import PromptBuilder
-from runtime.vision_service.preprocess import ProcessorConfig, load_processor_config, placeholder_count
 
 IMAGE = {"type": "image_url", "image_url": {"url": "<image 0>"}}
 

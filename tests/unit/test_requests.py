@@ -73,7 +73,7 @@ def test_image_count_and_size_limits() -> None:
         parse_chat_request({"messages": [{"role": "user", "content": parts}]}, limits=RequestLimits(max_images=2))
     with pytest.raises(RequestError, match="larger than"):
         parse_chat_request({"messages": [{"role": "user", "content": parts[:1]}]},
-                           limits=RequestLimits(max_image_bytes=4))
+                           limits=RequestLimits(max_image_mb=4 / 2**20))
 
 
 def test_defaults_from_generation_config_fill_only_missing_fields() -> None:

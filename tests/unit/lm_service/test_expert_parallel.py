@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from runtime.checkpoint.loader import load_language_model
-from runtime.lm_service.engine import EngineConfig
 from runtime.lm_service.expert_parallel import ExpertGroup, expert_range
 from runtime.lm_service.offline import OfflineLLM
 from runtime.models.config import load_model_config
 from runtime.models.deepseek_v3 import MoE
+from runtime.settings import EngineConfig
 from tests.integration.workload import mixed
 
 
@@ -53,7 +53,7 @@ def test_a_rank_with_no_tokens_still_answers(checkpoints) -> None:
 
 
 def test_a_dead_rank_fails_the_step_instead_of_hanging(checkpoints) -> None:
-    llm = OfflineLLM(checkpoints("tiny"), EngineConfig(kv_cache_bytes=4 << 20, ep_size=2, ep_timeout_s=20))
+    llm = OfflineLLM(checkpoints("tiny"), EngineConfig(kv_cache_mb=4, ep_size=2, ep_timeout_s=20))
     try:
         llm.submit("r", mixed(1, seed=3)[0])
         llm.step()

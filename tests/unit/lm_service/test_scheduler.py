@@ -144,7 +144,8 @@ def _seq(rid: str, tokens: list[int], images: list[ImageSpan] | None = None) -> 
 
 
 def _config(**kw) -> SchedulerConfig:
-    base = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64)
+    base = dict(num_blocks=64, block_size=4, max_num_seqs=8, max_num_batched_tokens=64, prefix_caching=True,
+                max_prefill_tokens_while_decoding=None)
     return SchedulerConfig(**{**base, **kw})
 
 
@@ -431,7 +432,7 @@ def test_random_workload_keeps_every_invariant(seed: int) -> None:
     rng = random.Random(seed)
     cap = None if seed % 2 else 5  # half the seeds with a prefill cap while decoding
     config = SchedulerConfig(num_blocks=24, block_size=4, max_num_seqs=6, max_num_batched_tokens=16,
-                             max_prefill_tokens_while_decoding=cap)
+                             prefix_caching=True, max_prefill_tokens_while_decoding=cap)
     eng = _Engine(config)
     bases = [[rng.randrange(1, 50) for _ in range(40)] for _ in range(3)]  # shared prefixes: cache hits
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from runtime.lm_service.vision_client import VisionClient, VisionClientConfig
+from runtime.lm_service.vision_client import VisionClient
 from runtime.protocol import EncodeAccepted, ImagePayload
+from runtime.settings import VisionClientConfig
 
-IMAGES = [ImagePayload(b"a", 4), ImagePayload(b"b", 4)]
+IMAGES = [ImagePayload(b"a", 4, "key-a"), ImagePayload(b"b", 4, "key-b")]
 
 
 class FakeHandle:

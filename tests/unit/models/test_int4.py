@@ -13,16 +13,8 @@ from compressed_tensors.quantization.lifecycle.forward import quantize
 from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
 from runtime.errors import QuantizedTensorError, UnsupportedQuantizationError
-from runtime.models.int4 import (
-    RELEASE_IGNORE,
-    Int4Scheme,
-    check_packed,
-    dequantize_int4,
-    pack_int4,
-    parse_quantization_config,
-    quantize_int4,
-    unpack_int4,
-)
+from runtime.models.int4 import check_packed, dequantize_int4, pack_int4, quantize_int4, unpack_int4
+from runtime.models.int4_scheme import RELEASE_IGNORE, Int4Scheme, parse_quantization_config
 
 G = torch.Generator().manual_seed(0)
 

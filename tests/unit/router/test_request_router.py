@@ -3,14 +3,14 @@ when the favourite is busy."""
 
 from __future__ import annotations
 
-from runtime.protocol import GenerateRequest, SamplingParams
+from runtime.protocol import GenerateRequest, ImagePayload, SamplingParams
 from runtime.router.request_router import PREFIX_TOKENS, affinity_key, rank, rendezvous
 
 PARAMS = SamplingParams()
 
 
 def test_affinity_key_prefers_the_first_image_then_a_long_prefix() -> None:
-    with_image = GenerateRequest("a", [1, 2, 3], PARAMS, image_keys=["k1", "k2"])
+    with_image = GenerateRequest("a", [1, 2, 3], PARAMS, [ImagePayload(b"", 4, "k1"), ImagePayload(b"", 4, "k2")])
     long_text = GenerateRequest("b", list(range(PREFIX_TOKENS + 10)), PARAMS)
     same_prefix = GenerateRequest("c", list(range(PREFIX_TOKENS)) + [999], PARAMS)
     assert affinity_key(with_image) == "image:k1"

@@ -10,15 +10,8 @@ import torch
 from PIL import Image
 
 from runtime.errors import ImageTooLargeError, InvalidImageError
-from runtime.vision_service.preprocess import (
-    ImageLimits,
-    ProcessorConfig,
-    decode_image,
-    image_size,
-    placeholder_count,
-    preprocess,
-    resize_plan,
-)
+from runtime.images import ImageLimits, ProcessorConfig, image_size, placeholder_count, resize_plan
+from runtime.vision_service.preprocess import decode_image, preprocess
 from tests.reference import reference_image_processor
 
 CFG = ProcessorConfig(max_patches=256, max_patches_per_side=24)
