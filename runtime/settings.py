@@ -61,7 +61,7 @@ class EngineTunables:
     ep_size: int = Field(default=1, ge=1, description="expert-parallel ranks per LM replica")
     ep_timeout_s: float = Field(default=120.0, gt=0)
     threads_per_rank: int = Field(default=1, ge=1, description="torch threads of each rank")
-    stream_interval_ms: float = Field(default=10.0, ge=0, description="merge streamed tokens after the first over this")
+    stream_interval_ms: float = Field(default=5.0, ge=0, description="merge streamed tokens after the first over this")
 
     @property
     def kv_cache_bytes(self) -> int:
