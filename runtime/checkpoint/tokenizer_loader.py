@@ -1,4 +1,4 @@
-"""A checkpoint's tokenizer, through transformers' AutoTokenizer, and never code the user did not trust.
+"""A checkpoint's tokenizer: the class AutoTokenizer would pick (without importing it), no untrusted code.
 
 A checkpoint may name its own tokenizer class in tokenizer_config.json's auto_map (the official Kimi-K2.5
 release does: tokenization_kimi.TikTokenTokenizer). That class is Python code from the checkpoint directory;
@@ -57,7 +57,28 @@ def text_encoder(tokenizer: Any) -> Callable[[str], list[int]]:
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool) -> Any:
-    from transformers import AutoTokenizer  # here: the app config checks checkpoints without importing it
-
+    """The class tokenizer_config.json names, as AutoTokenizer would pick it, but without importing
+    AutoTokenizer: that pulls in transformers' model configuration, and with it torch (about 380 MiB
+    and 2 s in the router, which holds no tensors)."""
     check_tokenizer_code(model_dir, trust_remote_code)
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+    return _tokenizer_class(Path(model_dir)).from_pretrained(str(model_dir), trust_remote_code=trust_remote_code)
+
+
+def _tokenizer_class(model_dir: Path) -> Any:
+    import transformers
+
+    ref = custom_tokenizer_class(model_dir)
+    if ref is not None:  # checked by check_tokenizer_code: the user trusts this checkpoint's code
+        from transformers.dynamic_module_utils import get_class_from_dynamic_module
+
+        cls: Any = get_class_from_dynamic_module(ref, str(model_dir))
+        # What AutoTokenizer's register_for_auto_class() sets (save_pretrained then copies the code
+        # too), without its check that imports AutoTokenizer; test_tokenization_kimi's round trip guards it.
+        cls._auto_class = "AutoTokenizer"
+        return cls
+    config = model_dir / "tokenizer_config.json"
+    name = json.loads(config.read_text()).get("tokenizer_class") if config.is_file() else None
+    named = getattr(transformers, name, None) if isinstance(name, str) else None
+    if named is not None and hasattr(named, "from_pretrained"):
+        return named
+    return transformers.AutoTokenizer  # no class named, or one transformers does not export by that name

@@ -44,17 +44,16 @@ def test_untrusted_code_is_refused_before_transformers_sees_it(tiktoken_dir: Pat
     assert "tokenization_kimi.TikTokenTokenizer" in message and str(tiktoken_dir) in message
 
 
-def test_trusted_code_loads_through_auto_tokenizer(tiktoken_dir: Path, monkeypatch) -> None:
-    seen: list[dict] = []
-    original = transformers.AutoTokenizer.from_pretrained
-
-    def recording(*args: Any, **kwargs: Any) -> Any:
-        seen.append(kwargs)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", recording)
-    tok = load_tokenizer(tiktoken_dir, trust_remote_code=True)
-    assert type(tok).__name__ == "TikTokenTokenizer" and seen == [{"trust_remote_code": True}]
+@pytest.mark.parametrize("trusted", [True, False])
+def test_the_tokenizer_is_the_one_auto_tokenizer_picks(tiktoken_dir: Path, checkpoints: Any, trusted: bool) -> None:
+    """load_tokenizer picks the class itself (AutoTokenizer would import torch): the checkpoint's own
+    class when trusted, else the one tokenizer_config.json names; the same class and ids either way."""
+    path = tiktoken_dir if trusted else checkpoints("tiny")
+    ours = load_tokenizer(path, trust_remote_code=trusted)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(path), trust_remote_code=trusted)
+    text = "Hello <|im_end|> world, 你好 12345 !!"
+    assert type(ours).__name__ == type(theirs).__name__ == ("TikTokenTokenizer" if trusted else "TokenizersBackend")
+    assert ours(text)["input_ids"] == theirs(text)["input_ids"] and ours.all_special_ids == theirs.all_special_ids
 
 
 def test_standard_checkpoint_needs_no_trust(checkpoints: Any) -> None:
