@@ -30,15 +30,17 @@ from runtime.config import AppConfig
 from runtime.errors import RequestError
 from runtime.protocol import GenerateRequest
 from runtime.requests import (
+    ChatRequest,
     ResponseOptions,
+    TokenizeRequest,
     check_fields,
     parse_chat_request,
     parse_completion_request,
     parse_count,
-    parse_prompts,
+    parse_detokenize_request,
     parse_response_options,
+    parse_tokenize_request,
 )
-from runtime.requests import parse_flag as _flag
 from runtime.router import admin, generate_api
 from runtime.router import openai_api as api
 from runtime.router.answers import Answers, WeightsSeen
@@ -131,49 +133,29 @@ class Router:
         try:
             if (denied := self._auth(request)) is not None:
                 return denied
-            body = await self._json_body(request)
-            check_fields(body, "tokenize")
-            ids, prompt = await self._tokenize(body)
-        except RequestError as e:
-            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
-        except api.ApiError as e:
-            return self._error(e)
-        strs = [self.prep.tokenizer.decode([t]) for t in ids] if _flag(body, "return_token_strs") else None
+            req = parse_tokenize_request(await self._json_body(request), self.prep.defaults.sampling, self.limits)
+            ids = await self._tokenize(req)
+        except (RequestError, api.ApiError) as e:
+            return self._refused(e)
+        strs = [self.prep.tokenizer.decode([t]) for t in ids] if req.return_token_strs else None
         return JSONResponse({"count": len(ids), "max_model_len": self.prep.model_config.text.max_position_embeddings,
-                             "tokens": ids, "token_strs": strs} | ({"prompt": prompt} if prompt else {}))
+                             "tokens": ids, "token_strs": strs})
 
-    async def _tokenize(self, body: dict[str, Any]) -> tuple[list[int], str | None]:
-        if ("messages" in body) == ("prompt" in body):
-            raise RequestError("give exactly one of prompt or messages", "prompt")
-        if "prompt" in body:
-            prompt = body["prompt"]
-            if not isinstance(prompt, str):
-                raise RequestError("prompt must be a string", "prompt")
-            special = body.get("add_special_tokens", True)
-            return list(self.prep.tokenizer(prompt, add_special_tokens=bool(special))["input_ids"]), None
-        chat = parse_chat_request({k: v for k, v in body.items() if k != "add_generation_prompt"},
-                                  self.prep.defaults.sampling, self.limits)
-        if chat.image_urls:
-            chat = dataclasses.replace(chat, images=await self.fetcher.fill(chat.images, chat.image_urls),
-                                       image_urls=())
-        gen = await asyncio.to_thread(self.prep.prepare, "tokenize", chat)
-        return gen.prompt_ids, None
+    async def _tokenize(self, req: TokenizeRequest) -> list[int]:
+        if isinstance(req.prompt, str):
+            return list(self.prep.tokenizer(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
+        gen = await asyncio.to_thread(self.prep.prepare, "tokenize", await self._fetched(req.prompt))
+        return gen.prompt_ids
 
     @http.post("/detokenize")
     async def detokenize(self, request: Request) -> Response:
         try:
             if (denied := self._auth(request)) is not None:
                 return denied
-            body = await self._json_body(request)
-            check_fields(body, "detokenize")
-            tokens = parse_prompts(body.get("tokens"), self.prep.model_config.text.vocab_size, "tokens")
-            if len(tokens) != 1 or not isinstance(tokens[0], list):
-                raise RequestError("tokens must be a non-empty list of token ids", "tokens")
-        except RequestError as e:
-            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
-        except api.ApiError as e:
-            return self._error(e)
-        return JSONResponse({"prompt": self.prep.tokenizer.decode(tokens[0])})
+            tokens = parse_detokenize_request(await self._json_body(request), self.prep.model_config.text.vocab_size)
+        except (RequestError, api.ApiError) as e:
+            return self._refused(e)
+        return JSONResponse({"prompt": self.prep.tokenizer.decode(tokens)})
 
     @http.get("/version")
     async def version(self) -> Response:
@@ -212,10 +194,8 @@ class Router:
                 return denied
             body = await self._json_body(request)
             plan = await prepare(body)
-        except RequestError as e:
-            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
-        except api.ApiError as e:
-            return self._error(e)
+        except (RequestError, api.ApiError) as e:
+            return self._refused(e)
         if self.config.admin.enabled and (await self._pool_state_now()).get("sleep_level"):
             return self._error(api.ApiError(503, "the LM pool is asleep (POST /admin/wake brings it back)",
                                             "service_unavailable", headers={"Retry-After": "5"}))
@@ -252,19 +232,28 @@ class Router:
     def _error(self, error: api.ApiError) -> Response:
         return self.answers.error(error)
 
+    def _refused(self, e: RequestError | api.ApiError) -> Response:
+        """A request refused before it runs; a RequestError is a 400 naming its field."""
+        return self._error(e if isinstance(e, api.ApiError) else api.ApiError(400, str(e), "invalid_request_error",
+                                                                              e.field))
+
     # --- preparing -----------------------------------------------------------------------------
 
     async def _prepare_chat(self, body: dict[str, Any]) -> Plan:
         check_fields(body, "chat")
         chat = parse_chat_request(body, self.prep.defaults.sampling, self.limits)
         n = parse_count(body)
-        if chat.image_urls:
-            chat = dataclasses.replace(chat, images=await self.fetcher.fill(chat.images, chat.image_urls),
-                                       image_urls=())
+        chat = await self._fetched(chat)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
         gen = await asyncio.to_thread(self.prep.prepare, rid, chat)  # hashing and tokenizing: off the loop
         return Plan(rid, fan_out(gen, n), n, parse_response_options(body, chat.sampling), [None] * n,
                      reasoning=api.starts_in_reasoning(gen.prompt_ids, self.think_ids), tools=ToolUse.of(chat))
+
+    async def _fetched(self, chat: ChatRequest) -> ChatRequest:
+        """The request with its http(s) images fetched (runtime.router.fetch; off unless allowed)."""
+        if not chat.image_urls:
+            return chat
+        return dataclasses.replace(chat, images=await self.fetcher.fill(chat.images, chat.image_urls), image_urls=())
 
     async def _prepare_completion(self, body: dict[str, Any]) -> Plan:
         req = parse_completion_request(body, self.prep.defaults.sampling, self.limits,
@@ -337,10 +326,8 @@ class Router:
         try:
             body = await self._json_body(request) if int(request.headers.get("content-length") or 0) else {}
             outcome: admin.Outcome = await run(body)
-        except RequestError as e:
-            return self._error(api.ApiError(400, str(e), "invalid_request_error", e.field))
-        except api.ApiError as e:
-            return self._error(e)
+        except (RequestError, api.ApiError) as e:
+            return self._refused(e)
         if not outcome.results:
             return self._error(api.ApiError(503, "no LM replica is running", "service_unavailable"))
         if not outcome.ok:
