@@ -234,8 +234,9 @@ class Router:
 
     def _refused(self, e: RequestError | api.ApiError) -> Response:
         """A request refused before it runs; a RequestError is a 400 naming its field."""
-        return self._error(e if isinstance(e, api.ApiError) else api.ApiError(400, str(e), "invalid_request_error",
-                                                                              e.field))
+        if isinstance(e, RequestError):
+            e = api.ApiError(400, str(e), "invalid_request_error", e.field)
+        return self._error(e)
 
     # --- preparing -----------------------------------------------------------------------------
 
