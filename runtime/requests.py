@@ -26,9 +26,9 @@ from runtime.tools import (
     parse_tools,
 )
 
-__all__ = ["ChatRequest", "CompletionRequest", "RequestLimits", "ResponseOptions", "SamplingParams", "check_fields",
-           "parse_chat_request", "parse_completion_request", "parse_count", "parse_prompts", "parse_response_options",
-           "parse_sampling"]
+__all__ = ["ChatRequest", "CompletionRequest", "RequestLimits", "ResponseOptions", "SamplingParams", "TokenizeRequest",
+           "check_fields", "parse_chat_request", "parse_completion_request", "parse_count", "parse_detokenize_request",
+           "parse_prompts", "parse_response_options", "parse_sampling", "parse_tokenize_request"]
 
 ROLES = {"system", "developer", "user", "assistant", "tool"}
 MAX_N = 16  # choices per prompt (n)
@@ -194,6 +194,37 @@ def parse_completion_request(body: dict[str, Any], defaults: dict[str, Any], lim
                               fewest_tokens=0 if echo else 1, logprobs=(count is not None, count or 0))
     return CompletionRequest(parse_prompts(body.get("prompt"), vocab_size), sampling, parse_count(body), echo,
                              parse_response_options(body, sampling))
+
+
+@dataclass(frozen=True)
+class TokenizeRequest:
+    """vLLM's /tokenize: a prompt tokenized as it is, or chat messages rendered as for /v1/chat/completions."""
+
+    prompt: str | ChatRequest  # text to tokenize as it is, or messages to render first
+    add_special_tokens: bool  # text only: the tokenizer's own special tokens (BOS) around it
+    return_token_strs: bool
+
+
+def parse_tokenize_request(body: dict[str, Any], defaults: dict[str, Any],
+                           limits: RequestLimits) -> TokenizeRequest:
+    check_fields(body, "tokenize")
+    if ("messages" in body) == ("prompt" in body):
+        raise RequestError("give exactly one of prompt or messages", "prompt")
+    prompt = body.get("prompt")
+    if "prompt" not in body:  # check_fields refused add_generation_prompt false; chat bodies have no such field
+        prompt = parse_chat_request({k: v for k, v in body.items() if k != "add_generation_prompt"}, defaults, limits)
+    elif not isinstance(prompt, str):
+        raise RequestError("prompt must be a string", "prompt")
+    return TokenizeRequest(prompt, bool(body.get("add_special_tokens", True)), parse_flag(body, "return_token_strs"))
+
+
+def parse_detokenize_request(body: dict[str, Any], vocab_size: int) -> list[int]:
+    """vLLM's /detokenize: the token ids to decode, each in the vocabulary."""
+    check_fields(body, "detokenize")
+    tokens = parse_prompts(body.get("tokens"), vocab_size, "tokens")
+    if len(tokens) != 1 or not isinstance(tokens[0], list):
+        raise RequestError("tokens must be a non-empty list of token ids", "tokens")
+    return tokens[0]
 
 
 def parse_chat_request(

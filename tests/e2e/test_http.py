@@ -345,6 +345,7 @@ def test_tokenize_detokenize_version(app) -> None:
     assert chat_ids == answer["prompt_token_ids"]
     for path, payload, field in (("/tokenize", {"prompt": 5}, "prompt"), ("/tokenize", {}, "prompt"),
                                  ("/tokenize", {"prompt": "x", "extra": 1}, "extra"),
+                                 ("/tokenize", {"prompt": "x", "return_token_strs": "yes"}, "return_token_strs"),
                                  ("/detokenize", {"tokens": [-1]}, "tokens")):
         response = post(served, path, payload)
         assert response.status_code == 400 and response.json()["error"]["param"] == field

@@ -14,7 +14,9 @@ from runtime.requests import (
     parse_chat_request,
     parse_completion_request,
     parse_count,
+    parse_detokenize_request,
     parse_prompts,
+    parse_tokenize_request,
 )
 
 PNG = base64.b64encode(b"\x89PNG fake bytes").decode()
@@ -166,3 +168,45 @@ def test_bad_completion_bodies_name_the_field(body: dict, field: str) -> None:
     with pytest.raises(RequestError) as e:
         parse_completion_request(body, {}, RequestLimits(), vocab_size=100)
     assert e.value.field == field
+
+
+# --- /tokenize and /detokenize -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("body,field,message", [
+    ({}, "prompt", "give exactly one of prompt or messages"),
+    ({"prompt": "hi", **_body()}, "prompt", "give exactly one of prompt or messages"),
+    ({"prompt": None}, "prompt", "prompt must be a string"),
+    ({"prompt": ["hi"]}, "prompt", "prompt must be a string"),
+    ({"messages": []}, "messages", "messages must be a non-empty list"),
+    ({"prompt": "hi", "max_tokens": 3}, "max_tokens", "max_tokens is not supported by /tokenize"),
+    ({**_body(), "add_generation_prompt": False}, "add_generation_prompt", "add_generation_prompt false"),
+    ({"prompt": "hi", "return_token_strs": "yes"}, "return_token_strs", "return_token_strs must be a boolean"),
+])
+def test_tokenize_refuses_a_body_naming_the_field(body, field, message):
+    with pytest.raises(RequestError) as e:
+        parse_tokenize_request(body, {}, RequestLimits())
+    assert e.value.field == field and str(e.value).startswith(message)
+
+
+def test_tokenize_reads_a_prompt_or_chat_messages():
+    text = parse_tokenize_request({"prompt": "hi", "add_special_tokens": 0, "return_token_strs": True}, {},
+                                  RequestLimits())
+    assert (text.prompt, text.add_special_tokens, text.return_token_strs) == ("hi", False, True)
+    chat = parse_tokenize_request({**_body(), "add_generation_prompt": True}, {}, RequestLimits())
+    assert not isinstance(chat.prompt, str) and chat.prompt.messages == _body()["messages"]
+    assert (chat.add_special_tokens, chat.return_token_strs) == (True, False)
+
+
+@pytest.mark.parametrize("tokens", [None, [], "hi", ["hi"], [[1], [2]], [1, 99], [1, -1], [True]])
+def test_detokenize_refuses_anything_but_one_list_of_ids_in_the_vocabulary(tokens):
+    with pytest.raises(RequestError) as e:
+        parse_detokenize_request({"tokens": tokens}, vocab_size=50)
+    assert e.value.field == "tokens"
+
+
+def test_detokenize_reads_the_ids_and_refuses_other_fields():
+    assert parse_detokenize_request({"model": "m", "tokens": [1, 2, 49]}, vocab_size=50) == [1, 2, 49]
+    assert parse_detokenize_request({"tokens": [[1, 2]]}, vocab_size=50) == [1, 2]  # one prompt's ids, nested
+    with pytest.raises(RequestError, match="prompt is not supported by /detokenize"):
+        parse_detokenize_request({"tokens": [1], "prompt": "x"}, vocab_size=50)
