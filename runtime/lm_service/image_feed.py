@@ -88,10 +88,12 @@ class ImageFeed:
       request has ended *and* no encode call for it is still unanswered; a lost release is
       reclaimed by the pool's lease.
     - The engine's per-request dict (`Engine.embeddings`) holds the tensor from its arrival (the
-      inbox hands it straight to the engine's command queue: tensors never pass through here) until
-      the prefill has passed the image, and always drops the whole dict when the request ends
-      (finished, aborted because the client left, failed, engine death). Preemption may drop
-      embeddings the request needs again: the engine reports `NeededAgain` and the feed re-asks.
+      engine's inbox hands it straight to the step loop's command queue: tensors never pass through
+      here; an engine-core process holds one that overtook its request's add until the add comes,
+      runtime.lm_service.engine_core._EarlyArrivals) until the prefill has passed the image, and
+      always drops the whole dict when the request ends (finished, aborted because the client left,
+      failed, engine death). Preemption may drop embeddings the request needs again: the engine
+      reports `NeededAgain` and the feed re-asks.
     - The feed holds the image bytes (for a re-ask) and the `senders`, from `expect` until the release.
 
     What must never happen:
@@ -105,8 +107,9 @@ class ImageFeed:
 
     Threads: `expect`, `forget`, `encode` and every handler run on the replica's event loop, so the
     feed's state needs no lock. The engine's step thread, the engine client's reader thread and
-    arrival-check replies reach it only through `post` (or the hooks made by `hooks`), which queues
-    the event onto that loop. Toward the engine the feed only queues commands: `fail`, and
+    arrival-check replies reach it only through `post` (the engine's hooks are `feed_hooks(post)`),
+    which queues the event onto that loop: `expect` comes before the request reaches the engine, so
+    no report about it can come first. Toward the engine the feed only queues commands: `fail`, and
     `when_missing` whose answer comes back through `post`.
     """
 
