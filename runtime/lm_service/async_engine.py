@@ -3,6 +3,8 @@
 Callers on any asyncio loop add requests and iterate their outputs; leaving the iteration early
 (client gone, task cancelled) aborts the request, which frees everything it held. Callers never
 wait for a step: everything goes through the loop's command queue (runtime.lm_service.engine_loop).
+With an inbox, vision replicas push embeddings (and encode errors) to it, and its thread queues them
+for the loop like any other command.
 The engine-core process (runtime.lm_service.engine_client) offers the same face across a process
 boundary.
 """
@@ -18,9 +20,10 @@ import torch
 
 from runtime.lm_service.admin import EngineAdmin, reply_on
 from runtime.lm_service.engine import Engine, EngineStats
-from runtime.lm_service.engine_loop import EngineDeadError, EngineLoop
+from runtime.lm_service.engine_loop import EngineDeadError, EngineLoop, encode_failure
 from runtime.lm_service.request_state import EngineRequest
-from runtime.protocol import AdminOp, AdminResult, ErrorKind, RequestOutput
+from runtime.protocol import AdminOp, AdminResult, EmbeddingHeader, EncodeError, ErrorKind, RequestOutput
+from runtime.transport import EmbeddingInbox
 
 __all__ = ["AsyncEngine", "EngineDeadError", "OutputStreams", "merge_outputs"]
 
@@ -110,14 +113,26 @@ def _put_all(batch: list[tuple[asyncio.Queue, RequestOutput]]) -> None:
 
 
 class AsyncEngine:
-    """An engine stepped on a thread of this process."""
+    """An engine stepped on a thread of this process; with `inbox_host`, its embedding inbox binds there."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05):
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05, inbox_host: str | None = None):
         self.engine = engine
         self.streams = OutputStreams(self.abort)
         self.loop = EngineLoop(engine, self.streams.deliver, idle_wait_s=idle_wait_s)
         self.admin_ops = EngineAdmin(self.loop)
+        self.inbox = EmbeddingInbox(self._arrived, self._failed, inbox_host) if inbox_host is not None else None
         self.loop.start()
+
+    @property
+    def inbox_address(self) -> str:
+        """Where vision replicas push this engine's embeddings (the `reply_to` of its encode calls)."""
+        if self.inbox is None:
+            raise RuntimeError("this engine has no embedding inbox")
+        return self.inbox.address
+
+    @property
+    def malformed_messages(self) -> int:
+        return self.inbox.malformed if self.inbox is not None else 0
 
     @property
     def error(self) -> BaseException | None:
@@ -147,6 +162,12 @@ class AsyncEngine:
     def fail(self, request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> None:
         self.loop.fail(request_id, message, error_type)
 
+    def _arrived(self, header: EmbeddingHeader, tensor: torch.Tensor) -> None:  # the inbox's thread
+        self.loop.add_embeddings(header.request_id, header.image_index, tensor)
+
+    def _failed(self, error: EncodeError) -> None:  # the inbox's thread
+        self.loop.fail(error.request_id, *encode_failure(error))
+
     def when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:
         self.loop.when_missing(request_id, indexes, reply)
 
@@ -165,4 +186,6 @@ class AsyncEngine:
         return self.loop.stats()
 
     def close(self) -> None:
+        if self.inbox is not None:
+            self.inbox.close()
         self.loop.close()

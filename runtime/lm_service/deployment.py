@@ -1,10 +1,10 @@
 """The LM pool as a Ray Serve deployment: one engine per replica (replica count = data-parallel size).
 
-`generate(GenerateRequest)` is a streaming handle call: the replica registers the request with its
-engine, asks the vision pool for the request's images (embeddings arrive over ZMQ at the engine's
-inbox, whose address travels as `reply_to`), and yields RequestOutputs until the last one. When the
-request ends for any reason, the engine frees its KV blocks and embeddings and the vision client
-releases its references in the vision pool.
+`generate(GenerateRequest)` is a streaming handle call: the replica registers the request's images
+with its ImageFeed, hands the request to its engine, and yields RequestOutputs until the last one.
+The feed asks the vision pool for the images (embeddings arrive over ZMQ at the engine's inbox,
+whose address travels as `reply_to`) and, once the engine reports that the request ended for any
+reason (it then freed the request's KV blocks and embeddings), releases the vision pool's references.
 
 With `engine_process` the engine steps in a process of its own (runtime.lm_service.engine_core)
 and owns the inbox; otherwise it steps on a thread of the replica (expert parallelism: the replica
@@ -18,7 +18,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import asdict
 from typing import Any
 
@@ -34,14 +34,14 @@ from runtime.lm_service.async_engine import AsyncEngine
 from runtime.lm_service.engine import EngineHooks
 from runtime.lm_service.engine_client import EngineClient
 from runtime.lm_service.engine_loop import error_output
+from runtime.lm_service.image_feed import ImageFeed, feed_hooks
 from runtime.lm_service.loading import build_engine
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
-from runtime.lm_service.vision_client import VisionClient, encode_failure
 from runtime.protocol import AdminCall, AdminResult, ErrorKind, GenerateRequest, RequestOutput
 from runtime.settings import EngineConfig, VisionClientConfig
 from runtime.stats_board import Reporter, board, rss_bytes
-from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip
+from runtime.transport import EmbeddingSender, node_ip
 
 log = logging.getLogger(__name__)
 
@@ -76,32 +76,29 @@ class LMService:
         self.config, self.model_dir = engine, model_dir
         torch.set_num_threads(self.config.threads_per_rank)
         host = host or node_ip()
-        # The vision client is made once the engine's embedding inbox exists; the hooks reach it then.
-        hooks = EngineHooks(need_embeddings=lambda rid, indexes: self.vision.encode_from_thread(rid, indexes),
-                            released=lambda rid: self.vision.request_ended(rid))
-        self.engine: AsyncEngine | EngineClient
-        self.inbox: EmbeddingInbox | None = None
         context = serve.get_replica_context()
         weights = _current_weights(context.app_name)  # a replica that starts after an update serves it too
-        if engine_process:  # the engine steps in its own process; embeddings go straight to it
-            self.engine = EngineClient(model_dir, self.config, hooks, host, weights=weights)
-            inbox_address = self.engine.inbox_address
-        else:
-            # EP worker ranks are Ray actors in this replica's placement group (on its node).
-            launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
-            stepped = build_engine(model_dir, self.config, hooks, launch)
-            if weights is not None:
-                stepped.load_weights(*weights)
-            local = self.engine = AsyncEngine(stepped)
-            self.inbox = EmbeddingInbox(lambda h, t: local.add_embeddings(h.request_id, h.image_index, t),
-                                        lambda error: local.fail(error.request_id, *encode_failure(error)), host)
-            inbox_address = self.inbox.address
-        self.vision = VisionClient(vision, inbox_address, EmbeddingSender(inbox_address, proxy=proxy), self._fail,
-                                   self._when_missing, vision_client)
+        # The engine reports each request's ending (and a preempted request's lost embeddings) to the
+        # feed, which is made once the engine's inbox exists to receive what the feed asks for.
+        hooks = feed_hooks(lambda event: self.feed.post(event))
+        self.engine = self._start_engine(hooks, host, weights, engine_process, rank_resources)
+        self.feed = ImageFeed(vision, self.engine, self.engine.inbox_address,
+                              EmbeddingSender(self.engine.inbox_address, proxy=proxy), vision_client)
         self.admission = Admission()
         self.replica = context.replica_id.unique_id
         self.reporter = Reporter("lm", self.replica, context.app_name, self.snapshot)
         self._log_ready(weights)
+
+    def _start_engine(self, hooks: EngineHooks, host: str, weights: tuple[str, int] | None, engine_process: bool,
+                      rank_resources: dict[str, float] | None) -> AsyncEngine | EngineClient:
+        if engine_process:  # the engine steps in its own process; embeddings go straight to it
+            return EngineClient(self.model_dir, self.config, hooks, host, weights=weights)
+        # EP worker ranks are Ray actors in this replica's placement group (on its node).
+        launch = ray_launcher(rank_resources or {"CPU": 0}) if self.config.ep_size > 1 else None
+        stepped = build_engine(self.model_dir, self.config, hooks, launch)
+        if weights is not None:
+            stepped.load_weights(*weights)
+        return AsyncEngine(stepped, inbox_host=host)
 
     def _log_ready(self, weights: tuple[str, int] | None) -> None:
         c = self.config
@@ -110,15 +107,7 @@ class LMService:
                  "%d MiB in blocks of %d, up to %d sequences and %d batched tokens; embeddings arrive at %s",
                  self.replica, self.model_dir, weights[1] if weights else 0, where, c.dtype, c.device, c.ep_size,
                  c.kv_cache_bytes // 2**20, c.block_size, c.max_num_seqs, c.max_num_batched_tokens,
-                 self.vision.reply_to)
-
-    # --- what the vision client asks of the engine ---------------------------------------------
-
-    def _fail(self, request_id: str, message: str, error_type: ErrorKind) -> None:
-        self.engine.fail(request_id, message, error_type)
-
-    def _when_missing(self, request_id: str, indexes: list[int], reply: Callable[[list[int]], None]) -> None:
-        self.engine.when_missing(request_id, indexes, reply)
+                 self.engine.inbox_address)
 
     # --- the handle API ----------------------------------------------------------------------
 
@@ -128,24 +117,22 @@ class LMService:
             log.info("%s: refused: %s", rid, refusal)
             yield error_output(rid, refusal, ErrorKind.UNAVAILABLE)
             return
-        if request.images:
-            self.vision.expect(rid, request.images)
+        self.feed.expect(rid, request.images)
         try:
             keys = tuple(request.image_keys)  # the router's; nothing here hashes an image again
             stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, keys))
         except RequestError as e:
             log.info("%s: refused: %s", rid, e)
-            self.vision.forget(rid)
+            self.feed.forget(rid)
             yield error_output(rid, str(e), ErrorKind.INVALID_REQUEST)
             return
         except BaseException:  # nothing was admitted; the caller hears the error (a dead engine: it retries)
-            self.vision.forget(rid)
+            self.feed.forget(rid)
             raise
         log.info("%s: admitted: %d prompt tokens, %d image(s)", rid, len(request.prompt_ids), len(request.images))
         started, last = time.perf_counter(), None
         try:
-            if request.images:
-                self.vision.encode(rid)
+            self.feed.encode(rid)
             async for out in stream:
                 last = out
                 yield out
@@ -178,18 +165,13 @@ class LMService:
             "replica": self.replica,
             "pid": os.getpid(),
             "engine_pid": self.engine.pid if isinstance(self.engine, EngineClient) else os.getpid(),
-            "address": self.vision.reply_to,
+            "address": self.engine.inbox_address,
             "engine": asdict(self.engine.stats()),
             "healthy": self.engine.error is None,
-            "vision_client": asdict(self.vision.stats()),
-            "malformed_messages": self._malformed_messages(),
+            "vision_client": asdict(self.feed.stats()),
+            "malformed_messages": self.engine.malformed_messages,
             "rss_bytes": rss_bytes() + (rss_bytes(self.engine.pid) if isinstance(self.engine, EngineClient) else 0),
         }
-
-    def _malformed_messages(self) -> int:
-        if isinstance(self.engine, EngineClient):
-            return self.engine.malformed_messages
-        return self.inbox.malformed if self.inbox is not None else 0
 
     async def check_health(self) -> None:
         if self.engine.error is not None:
@@ -198,6 +180,4 @@ class LMService:
 
     def __del__(self) -> None:
         self.reporter.close()
-        if self.inbox is not None:
-            self.inbox.close()
         self.engine.close()

@@ -5,7 +5,8 @@ them in one forward, and every request that reached the end of its known tokens 
 Requests join and leave between steps. Image embeddings arrive from outside (add_embeddings) and
 are dropped as soon as the request's prefill has passed them, and always when the request ends.
 When a request ends for any reason its KV blocks, its embeddings and its state are released, and
-`hooks.released(request_id)` tells whoever holds references for it (the vision pool).
+`hooks.released(request_id)` reports it (in an LM replica, to the ImageFeed that releases the
+vision pool's references: runtime.lm_service.image_feed).
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def _no_embeddings_needed(request_id: str, image_indexes: list[int]) -> None:
 
 @dataclass
 class EngineHooks:
+    """What the engine reports, from its step thread (or an EngineClient's reader thread); it never
+    waits for an answer. An LM replica points both at its ImageFeed's one entry point
+    (runtime.lm_service.image_feed.feed_hooks)."""
+
     # A preempted request dropped embeddings it needs again (re-ask the vision pool).
     need_embeddings: Callable[[str, list[int]], None] = _no_embeddings_needed
     # A request ended: release what other services hold for it.

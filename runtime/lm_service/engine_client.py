@@ -3,8 +3,8 @@
 Same face as AsyncEngine (add_request -> output stream, abort, fail, when_missing, stats, error,
 close), so the deployment does not care where the engine steps. The replica binds two local ZMQ
 sockets (commands out, events in) and spawns the core, which connects to both. A reader thread
-turns events into stream outputs (one wake-up per step for each event loop), engine hooks, missing-
-embedding replies and stats.
+turns events into stream outputs (one wake-up per step for each event loop), engine hooks (an LM
+replica's ImageFeed posts them onto its event loop), missing-embedding replies and stats.
 
 If the core dies (killed, out of memory, a step failed), every live stream ends with an error,
 the vision references of every live request are released through the `released` hook, `error` is

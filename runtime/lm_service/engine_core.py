@@ -26,10 +26,9 @@ import zmq
 from runtime import logs
 from runtime.lm_service.admin import EngineAdmin
 from runtime.lm_service.engine import EngineHooks, EngineStats
-from runtime.lm_service.engine_loop import EngineLoop
+from runtime.lm_service.engine_loop import EngineLoop, encode_failure
 from runtime.lm_service.loading import build_engine
 from runtime.lm_service.request_state import EngineRequest
-from runtime.lm_service.vision_client import encode_failure
 from runtime.protocol import (
     CoreAbort,
     CoreAdd,

@@ -21,7 +21,7 @@ import torch
 from runtime.errors import RequestError
 from runtime.lm_service.engine import Engine, EngineStats
 from runtime.lm_service.request_state import EngineRequest
-from runtime.protocol import ErrorKind, RequestOutput
+from runtime.protocol import EncodeError, ErrorKind, RequestOutput
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,11 @@ STEP_FAILED = "the engine step failed; the LM replica's log has the details"
 def error_output(request_id: str, message: str, error_type: ErrorKind = ErrorKind.INTERNAL) -> RequestOutput:
     """The last output of a request that ended with an error."""
     return RequestOutput(request_id, [], "", True, "error", message, error_type=error_type)
+
+
+def encode_failure(error: EncodeError) -> tuple[str, ErrorKind]:
+    """How an image that failed to encode fails its request: (message, error kind)."""
+    return f"image {error.image_index}: {error.message}", ErrorKind(error.error_type).of_request()
 
 
 class EngineDeadError(RuntimeError):

@@ -1,4 +1,5 @@
-"""The async stream interface: concurrent streams, deltas that add up, a consumer that leaves."""
+"""The async stream interface: concurrent streams, deltas that add up, a consumer that leaves, and
+the engine's own embedding inbox."""
 
 from __future__ import annotations
 
@@ -10,7 +11,9 @@ import msgspec
 from runtime.lm_service.async_engine import AsyncEngine
 from runtime.lm_service.offline import OfflineLLM
 from runtime.lm_service.request_state import EngineRequest
+from runtime.protocol import ErrorKind
 from runtime.settings import EngineConfig
+from runtime.transport import EmbeddingSender
 from tests.integration.workload import mixed
 
 CONFIG = EngineConfig(kv_cache_mb=8, block_size=4, stream_interval_ms=0)  # each output streamed alone
@@ -77,3 +80,39 @@ def test_stream_interval_merges_outputs_without_changing_them(checkpoints) -> No
     assert "".join(o.text for o in merged) == expected.text and merged[-1].finish_reason == "length"
     assert len(merged[0].token_ids) == 1  # the first token is not held back
     assert len(merged) < 30, f"{len(merged)} messages for 60 tokens"
+
+
+def test_an_inbox_hands_pushed_embeddings_and_encode_errors_to_the_engine(checkpoints) -> None:
+    """As in an LM replica that steps its engine on a thread: vision replicas push to the engine's own
+    inbox over real ZMQ; a failed image fails its request alone, with the request's error kind."""
+    path = checkpoints("tiny")
+    request = next(r for r in mixed(12, seed=23) if r.images)
+    llm = OfflineLLM(path, CONFIG)
+    expected = llm.generate(request, "ref")
+    embeds, sizes = llm.encode_images(request.images)
+    ids = llm.prompts.token_ids(request.messages, sizes)
+    keys = tuple(llm.image_key(b) for b in request.images)
+    engine = AsyncEngine(llm.engine, inbox_host="127.0.0.1")
+    sender = EmbeddingSender("vision-test")
+
+    async def run(request_id: str, fail: bool) -> list:
+        stream = engine.add_request(EngineRequest(request_id, ids, request.sampling, keys))
+        if fail:
+            sender.send_error(engine.inbox_address, request_id, 0, "cannot be decoded", ErrorKind.INVALID_IMAGE)
+        else:
+            for index, tensor in enumerate(embeds):
+                sender.send_embeddings(engine.inbox_address, request_id, index, keys[index], tensor)
+        return [out async for out in stream]
+
+    async def main() -> tuple[list, list]:
+        return await asyncio.wait_for(asyncio.gather(run("good", False), run("bad", True)), 60)
+
+    try:
+        good, bad = asyncio.run(main())
+    finally:
+        sender.close()
+        engine.close()
+    assert [t for o in good for t in o.token_ids] == expected.token_ids and good[-1].finish_reason == "length"
+    assert bad[-1].finish_reason == "error" and bad[-1].error_type == ErrorKind.INVALID_REQUEST
+    assert bad[-1].error == "image 0: cannot be decoded" and engine.malformed_messages == 0
+    assert not llm.engine.states

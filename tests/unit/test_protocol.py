@@ -5,7 +5,7 @@ from __future__ import annotations
 import msgspec
 import pytest
 
-from runtime.lm_service.vision_client import encode_failure
+from runtime.lm_service.engine_loop import encode_failure
 from runtime.protocol import EncodeError, ErrorKind, RequestOutput
 
 
