@@ -14,7 +14,7 @@ from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import ErrorKind
 from runtime.settings import EngineConfig
 from runtime.transport import EmbeddingSender
-from tests.integration.workload import mixed
+from tests.integration.workload import mixed, pushed_image_request
 
 CONFIG = EngineConfig(kv_cache_mb=8, block_size=4, stream_interval_ms=0)  # each output streamed alone
 
@@ -86,12 +86,9 @@ def test_an_inbox_hands_pushed_embeddings_and_encode_errors_to_the_engine(checkp
     """As in an LM replica that steps its engine on a thread: vision replicas push to the engine's own
     inbox over real ZMQ; a failed image fails its request alone, with the request's error kind."""
     path = checkpoints("tiny")
-    request = next(r for r in mixed(12, seed=23) if r.images)
     llm = OfflineLLM(path, CONFIG)
+    request, embeds, ids, keys = pushed_image_request(llm)
     expected = llm.generate(request, "ref")
-    embeds, sizes = llm.encode_images(request.images)
-    ids = llm.prompts.token_ids(request.messages, sizes)
-    keys = tuple(llm.image_key(b) for b in request.images)
     engine = AsyncEngine(llm.engine, inbox_host="127.0.0.1")
     sender = EmbeddingSender("vision-test")
 

@@ -17,7 +17,7 @@ from runtime.lm_service.request_state import EngineRequest
 from runtime.protocol import SamplingParams
 from runtime.settings import EngineConfig
 from runtime.transport import EmbeddingSender
-from tests.integration.workload import mixed
+from tests.integration.workload import mixed, pushed_image_request
 
 CONFIG = EngineConfig(kv_cache_mb=8, block_size=4, stream_interval_ms=0)  # each output streamed alone
 
@@ -136,20 +136,17 @@ def test_a_dead_core_ends_every_live_stream_and_releases_them(checkpoints) -> No
 def test_embeddings_that_arrive_before_their_request_are_held_for_it(checkpoints) -> None:
     # The add travels on the command socket, the images on the inbox: nothing orders the two.
     path = checkpoints("tiny")
-    request = next(r for r in mixed(12, seed=23) if r.images)
     llm = OfflineLLM(path, CONFIG)
+    request, embeds, ids, keys = pushed_image_request(llm)
     expected = llm.generate(request, "ref")
-    embeds, sizes = llm.encode_images(request.images)
-    ids = llm.prompts.token_ids(request.messages, sizes)
     client = EngineClient(str(path), CONFIG, Recorder().hooks(), "127.0.0.1")
     sender = EmbeddingSender("vision-test")
 
     async def main() -> list[int]:
         for index, tensor in enumerate(embeds):
-            sender.send_embeddings(client.inbox_address, "early", index, llm.image_key(request.images[index]), tensor)
+            sender.send_embeddings(client.inbox_address, "early", index, keys[index], tensor)
         await asyncio.sleep(0.5)  # the core has read them, for a request it does not know yet
-        stream = client.add_request(EngineRequest("early", ids, request.sampling,
-                                                  tuple(llm.image_key(b) for b in request.images)))
+        stream = client.add_request(EngineRequest("early", ids, request.sampling, keys))
         return [t async for out in stream for t in out.token_ids]
 
     try:

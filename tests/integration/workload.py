@@ -55,3 +55,11 @@ def reference_inputs(llm, request: ChatRequest) -> dict:
         inputs["pixel_values"] = pixels
         inputs["image_grid_thw"] = torch.tensor([[1, h, w] for h, w in grids])
     return inputs
+
+
+def pushed_image_request(llm, seed: int = 23) -> tuple[ChatRequest, list, list[int], tuple[str, ...]]:
+    """An image request of mixed(12, seed) as an LM replica receives it when the vision pool pushes:
+    the request, its embeddings per image, its prompt ids and its image keys."""
+    request = next(r for r in mixed(12, seed=seed) if r.images)
+    embeds, sizes = llm.encode_images(request.images)
+    return request, embeds, llm.prompts.token_ids(request.messages, sizes), tuple(map(llm.image_key, request.images))
