@@ -56,7 +56,10 @@ class SequenceBatch:
     def decode_rows(self) -> torch.Tensor | None:
         return None
 
-    def decode_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_groups(self) -> list[slice]:
+        return []
+
+    def decode_context(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError("SequenceBatch attends every sequence on its own")
 
     def advance(self) -> None:

@@ -24,6 +24,7 @@ class PagedLatentCache:
         self.cfg, self.num_blocks, self.block_size = cfg, num_blocks, block_size
         self.dtype, self.device, self.fp8 = dtype, torch.device(device), fp8
         self.data = self._zeros()
+        self._scratch = torch.empty(0, dtype=self.data.dtype, device=self.device)
         self._bytes_per_token = self.data.numel() * self.data.element_size() // (num_blocks * block_size)
 
     def _zeros(self) -> torch.Tensor:
@@ -39,6 +40,7 @@ class PagedLatentCache:
     def release(self) -> None:
         """Give the storage back (the engine sleeps): no block may be in use, and none is cached after."""
         self.data = torch.empty(0, dtype=self.data.dtype, device=self.device)
+        self._scratch = torch.empty(0, dtype=self.data.dtype, device=self.device)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()  # back to the device, for whoever shares it (a colocated trainer)
 
@@ -65,12 +67,27 @@ class PagedLatentCache:
     def load(self, layer: int, slots: torch.Tensor) -> torch.Tensor:
         return self._readable(self.data[layer][slots])
 
-    def load_blocks(self, layer: int, block_ids: torch.Tensor) -> torch.Tensor:
+    @property
+    def block_bytes(self) -> int:
+        """One block of one layer, as read (in the compute dtype)."""
+        return self.block_size * self.cfg.latent_dim * torch.empty((), dtype=self.dtype).element_size()
+
+    def load_blocks(self, layer: int, block_ids: torch.Tensor, scratch: bool = False) -> torch.Tensor:
         """Whole blocks [*block_ids.shape, block_size, r + p]: one contiguous copy per block, far
-        cheaper than gathering slot by slot."""
+        cheaper than gathering slot by slot. With scratch, into this cache's reusable buffer: the
+        result is valid until the next scratch read (a fresh multi-MB tensor per layer costs page
+        faults; a reused one stays in the CPU's cache)."""
         blocks = self.data[layer].view(self.num_blocks, self.block_size, -1)
-        picked = blocks.index_select(0, block_ids.reshape(-1))
+        flat = block_ids.reshape(-1)
+        out = self._scratch_for(flat.numel(), blocks.shape[1:]) if scratch else None
+        picked = torch.index_select(blocks, 0, flat, out=out) if out is not None else blocks.index_select(0, flat)
         return self._readable(picked.view(*block_ids.shape, self.block_size, picked.shape[-1]))
+
+    def _scratch_for(self, num_blocks: int, block_shape: torch.Size) -> torch.Tensor:
+        need = num_blocks * block_shape.numel()
+        if self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=self.data.dtype, device=self.device)
+        return self._scratch[:need].view(num_blocks, *block_shape)
 
     def _readable(self, stored: torch.Tensor) -> torch.Tensor:
         return stored.view(FP8).to(self.dtype) if self.fp8 else stored
@@ -93,13 +110,20 @@ class SequenceChunk:
     num_tokens: int
 
 
+# A decode group's padded context is gathered and attended while it is still in the CPU's cache:
+# at 64 sequences of ~190 tokens one layer's padded latents are ~28 MB (float32), and gathering them
+# all before attending sent every byte to memory and back three times (copy, scores, values).
+DECODE_GROUP_BYTES = 4 << 20
+
+
 class PagedBatch:
     """KVBatch (runtime.models.deepseek_v3) over the paged cache for one forward.
 
-    Sequences with one new token (decodes) are attended together: their block tables are padded
-    into one [B, max_blocks] tensor once per forward, and every layer reads whole blocks through it.
-    Prefill chunks are attended one by one over their own blocks. All index tensors are built once
-    here, from Python lists, and shared by every layer."""
+    Sequences with one new token (decodes) are attended together, in groups of similar length
+    whose padded context fits DECODE_GROUP_BYTES: each group's block table is padded once per
+    forward, and every layer gathers whole blocks through it into one scratch buffer. Prefill
+    chunks are attended one by one over their own blocks. All index tensors are built once here,
+    from Python lists, and shared by every layer."""
 
     def __init__(self, cache: PagedLatentCache, chunks: Sequence[SequenceChunk], batch_decodes: bool = True):
         self.cache, self.chunks = cache, list(chunks)
@@ -120,13 +144,28 @@ class PagedBatch:
         self._ctx_blocks = {i: self._blocks_tensor(self.chunks[i], self.chunks[i].start + n)
                             for i, _, n in self._looped}
         self._decode_rows: torch.Tensor | None = None
+        self._groups: list[tuple[slice, torch.Tensor, torch.Tensor]] = []
         if decode:
+            decode.sort(key=lambda i: self.chunks[i].start)  # similar lengths share a group: less padding
             self._decode_rows = torch.tensor([starts[i] for i in decode], device=device)
-            self._decode_table, self._decode_valid = self._padded_table([self.chunks[i] for i in decode])
+            self._groups = self._decode_groups([self.chunks[i] for i in decode])
 
     def _blocks_tensor(self, chunk: SequenceChunk, length: int) -> tuple[torch.Tensor, int]:
         used = -(-length // self.cache.block_size)
         return torch.tensor(list(chunk.block_ids[:used]), dtype=torch.long, device=self.cache.device), length
+
+    def _decode_groups(self, chunks: list[SequenceChunk]) -> list[tuple[slice, torch.Tensor, torch.Tensor]]:
+        """Consecutive runs of the decodes (sorted by length, so the last of a run is its widest),
+        each within DECODE_GROUP_BYTES of padded context unless it is one sequence alone:
+        (its positions among the decodes, padded block table, valid)."""
+        bs, per_block = self.cache.block_size, self.cache.block_bytes
+        groups, first = [], 0
+        for i in range(1, len(chunks) + 1):
+            if i < len(chunks) and (i + 1 - first) * -(-(chunks[i].start + 1) // bs) * per_block <= DECODE_GROUP_BYTES:
+                continue  # chunks[i] joins the run
+            groups.append((slice(first, i), *self._padded_table(chunks[first:i])))
+            first = i
+        return groups
 
     def _padded_table(self, chunks: list[SequenceChunk]) -> tuple[torch.Tensor, torch.Tensor]:
         """Block tables [B, max_blocks] (padding repeats a real block; it is masked) and which
@@ -158,9 +197,13 @@ class PagedBatch:
     def decode_rows(self) -> torch.Tensor | None:
         return self._decode_rows
 
-    def decode_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        ctx = self.cache.load_blocks(layer, self._decode_table)  # [B, max_blocks, block_size, r + p]
-        return ctx.view(ctx.shape[0], -1, ctx.shape[-1]), self._decode_valid
+    def decode_groups(self) -> list[slice]:
+        return [rows for rows, _, _ in self._groups]
+
+    def decode_context(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        _, table, valid = self._groups[group]
+        ctx = self.cache.load_blocks(layer, table, scratch=True)  # [n, max_blocks, block_size, r + p]
+        return ctx.view(ctx.shape[0], -1, ctx.shape[-1]), valid
 
     def advance(self) -> None:
         """Progress is the scheduler's to track; nothing to commit here."""

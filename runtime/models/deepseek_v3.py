@@ -28,8 +28,8 @@ from runtime.models.experts import ExpertBank, ExpertFactory, Int4Layout, expert
 
 class KVBatch(Protocol):
     """The sequences of one forward and where their latents live. Rows of the flat token batch are
-    grouped by sequence. Sequences with one new token may be attended together (decode_rows);
-    the rest are attended one by one (per_sequence). The engine's paged cache implements this
+    grouped by sequence. Sequences with one new token may be attended together (decode_rows), in
+    groups (decode_groups); the rest are attended one by one (per_sequence). The engine's paged cache implements this
     (tests/latent_kv.py has a contiguous one, the simplest to check the model against)."""
 
     def positions(self, device: torch.device | str) -> torch.Tensor:
@@ -52,8 +52,13 @@ class KVBatch(Protocol):
         """Rows [B] of sequences with one new token that are attended together, or None."""
         ...
 
-    def decode_context(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Their latents padded to the longest [B, S, r + p], and which are real [B, S]."""
+    def decode_groups(self) -> list[slice]:
+        """Which of those rows (positions in decode_rows) are attended in one batch, group by group."""
+        ...
+
+    def decode_context(self, layer: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One group's latents padded to its longest [n, S, r + p] (valid until the next call), and
+        which are real [n, S]."""
         ...
 
     def advance(self) -> None:
@@ -219,19 +224,25 @@ class MLAttention(nn.Module):
         out_latent = self._sdpa(q, k, v)  # [H, T, r]
         return torch.einsum("htr,hvr->thv", out_latent, w_uv)
 
-    def attend_absorbed_batched(
-        self, q_nope: torch.Tensor, q_rot: torch.Tensor, ctx: torch.Tensor, valid: torch.Tensor
-    ) -> torch.Tensor:
-        """Decode for B sequences at once, one query each: q [B, H, n|p], ctx [B, S, r + p] padded,
-        valid [B, S]. Returns [B, H, v]."""
+    def attend_decodes(self, q_nope: torch.Tensor, q_rot: torch.Tensor, batch: KVBatch) -> torch.Tensor:
+        """Decode for B sequences at once, one query each: q [B, H, n|p] in decode_rows order, over
+        the latents group by group. Returns [B, H, v]."""
         cfg = self.cfg
         w_uk, w_uv = self._kv_b_weights()
         q = torch.cat([torch.einsum("bhn,hnr->bhr", q_nope, w_uk), q_rot], dim=-1)  # [B, H, r + p]
-        scores = torch.bmm(q, ctx.transpose(1, 2)).float() * self.scale  # [B, H, S]
+        out_latent = q.new_empty(q.shape[0], cfg.num_attention_heads, cfg.kv_lora_rank)
+        for group, rows in enumerate(batch.decode_groups()):
+            ctx, valid = batch.decode_context(self.layer_idx, group)
+            out_latent[rows] = self.attend_latents(q[rows], ctx, valid)
+        return torch.einsum("bhr,hvr->bhv", out_latent, w_uv)
+
+    def attend_latents(self, q: torch.Tensor, ctx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """q [n, H, r + p] (W_UK folded in) over padded latents ctx [n, S, r + p], valid [n, S]:
+        the attention-weighted latents [n, H, r]."""
+        scores = torch.bmm(q, ctx.transpose(1, 2)).float() * self.scale  # [n, H, S]
         scores = scores.masked_fill(~valid[:, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1).to(ctx.dtype)
-        out_latent = torch.bmm(probs, ctx[..., : cfg.kv_lora_rank])  # [B, H, r]
-        return torch.einsum("bhr,hvr->bhv", out_latent, w_uv)
+        return torch.bmm(probs, ctx[..., : self.cfg.kv_lora_rank])
 
     def _sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         mask = _causal_mask(q.shape[1], k.shape[1], q.device)
@@ -252,8 +263,7 @@ class MLAttention(nn.Module):
         out = x.new_empty(x.shape[0], cfg.num_attention_heads, cfg.v_head_dim)
         rows = batch.decode_rows()
         if rows is not None:
-            ctx, valid = batch.decode_context(self.layer_idx)
-            out[rows] = self.attend_absorbed_batched(q_nope[rows], q_rot[rows], ctx, valid)
+            out[rows] = self.attend_decodes(q_nope[rows], q_rot[rows], batch)
         for seq, start, n in batch.per_sequence():
             ctx = batch.context(self.layer_idx, seq)
             # Prefill expands K/V (fewer FLOPs for many queries); decode attends over latents.

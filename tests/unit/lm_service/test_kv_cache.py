@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from runtime.checkpoint.presets import PRESETS
+from runtime.lm_service import kv_cache
 from runtime.lm_service.kv_cache import PagedBatch, PagedLatentCache, SequenceChunk
 from runtime.models.deepseek_v3 import DeepseekV3LM
 from tests.latent_kv import ContiguousLatentKV, SequenceBatch
@@ -43,6 +44,30 @@ def test_scattered_blocks_and_batched_decodes_match_contiguous_buffers() -> None
     decoded = lm(lm.embed(nxt), batch)
     one_by_one = [lm(lm.embed(nxt[i : i + 1]), SequenceBatch([1], [contiguous[i]])) for i in range(3)]
     torch.testing.assert_close(decoded, torch.cat(one_by_one), rtol=1e-5, atol=1e-5)
+
+
+@torch.inference_mode()
+def test_decodes_attended_in_small_groups_match_one_big_group(monkeypatch) -> None:
+    lm = _lm()
+    lengths = [13, 2, 9, 5, 11]
+    tables = [[3, 8, 1, 12], [6], [0, 10, 4], [7, 2], [14, 5, 9]]
+    cache = PagedLatentCache(lm.cfg, num_blocks=16, block_size=4, dtype=torch.float32)
+    prompts = [torch.randint(0, 64, (n,)) for n in lengths]
+    lm(lm.embed(torch.cat(prompts)), PagedBatch(cache, [SequenceChunk(t, 0, n) for t, n in zip(tables, lengths,
+                                                                                                strict=True)]))
+    chunks = [SequenceChunk(t, n, 1) for t, n in zip(tables, lengths, strict=True)]
+    nxt = lm.embed(torch.randint(0, 64, (5,)))
+    whole = PagedBatch(cache, chunks)
+    assert len(whole.decode_groups()) == 1
+    expected = lm(nxt, whole)
+
+    # four blocks of padded context per group at most; padded widths in blocks, by length: 1 2 | 3 | 3 | 4
+    monkeypatch.setattr(kv_cache, "DECODE_GROUP_BYTES", 4 * cache.block_bytes)
+    grouped = PagedBatch(cache, chunks)
+    assert [(g.start, g.stop) for g in grouped.decode_groups()] == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    # rows in decode order are sorted by length: sequences 1 (2 tokens), 3 (5), 2 (9), 4 (11), 0 (13)
+    assert grouped.decode_rows().tolist() == [1, 3, 2, 4, 0]
+    torch.testing.assert_close(lm(nxt, grouped), expected, rtol=1e-5, atol=1e-5)
 
 
 @torch.inference_mode()
