@@ -127,6 +127,30 @@ class RequestOutput(msgspec.Struct, tag="request_output"):
     # On the request's last output when SamplingParams.return_routed_experts is set (and it did not fail).
     routed_experts: ExpertRouting | None = None
     weights_version: int = 0  # the LM weights that computed it (bumped by /admin/update_weights)
+    # Set on the copy of a request's last output that tells its LM replica the request ended,
+    # when the engine core sent every output straight to the router (GenerateRequest.reply_to).
+    relayed: bool = False
+
+
+def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
+    """Consecutive outputs of one request as one: tokens, text and logprobs joined, the rest from
+    the last."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
+    return msgspec.structs.replace(
+        last,
+        token_ids=[t for o in outputs for t in o.token_ids],
+        text="".join(o.text for o in outputs),
+        logprobs=logprobs if any(o.logprobs is not None for o in outputs) else None,
+    )
+
+
+class TokenBatch(msgspec.Struct, tag="token_batch", frozen=True):
+    """Engine core -> a router's token inbox, over ZMQ: one step's outputs for that router's requests."""
+
+    outputs: list[RequestOutput]
 
 
 # --- vision pool -> LM replica, over ZMQ (a header frame, then the raw tensor frame) ----------
@@ -202,6 +226,9 @@ class GenerateRequest(msgspec.Struct, tag="generate_request", frozen=True):
     prompt_ids: list[int]
     sampling: SamplingParams
     images: list[ImagePayload] = []
+    # A router's token inbox: the engine core pushes the outputs there itself, and the LM replica's
+    # stream carries only errors it made and the `relayed` end (runtime.router.token_inbox).
+    reply_to: str | None = None
 
     @property
     def image_keys(self) -> list[str]:
@@ -269,6 +296,7 @@ class CoreAdd(msgspec.Struct, tag="core_add", frozen=True):
     prompt_ids: list[int]
     sampling: SamplingParams
     image_hashes: list[str] = []
+    reply_to: str | None = None  # GenerateRequest.reply_to
 
 
 class CoreAbort(msgspec.Struct, tag="core_abort", frozen=True):

@@ -15,32 +15,16 @@ import asyncio
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 
-import msgspec
 import torch
 
 from runtime.lm_service.admin import EngineAdmin, reply_on
 from runtime.lm_service.engine import Engine, EngineStats
 from runtime.lm_service.engine_loop import EngineDeadError, EngineLoop, encode_failure
 from runtime.lm_service.request_state import EngineRequest
-from runtime.protocol import AdminOp, AdminResult, EmbeddingHeader, EncodeError, ErrorKind, RequestOutput
+from runtime.protocol import AdminOp, AdminResult, EmbeddingHeader, EncodeError, ErrorKind, RequestOutput, merge_outputs
 from runtime.transport import EmbeddingInbox
 
 __all__ = ["AsyncEngine", "EngineDeadError", "OutputStreams", "merge_outputs"]
-
-
-def merge_outputs(outputs: list[RequestOutput]) -> RequestOutput:
-    """Consecutive outputs of one request as one: tokens, text and logprobs joined, the rest from
-    the last."""
-    if len(outputs) == 1:
-        return outputs[0]
-    last = outputs[-1]
-    logprobs = [lp for o in outputs for lp in (o.logprobs or [])]
-    return msgspec.structs.replace(
-        last,
-        token_ids=[t for o in outputs for t in o.token_ids],
-        text="".join(o.text for o in outputs),
-        logprobs=logprobs if any(o.logprobs is not None for o in outputs) else None,
-    )
 
 
 @dataclass
@@ -139,10 +123,12 @@ class AsyncEngine:
         return self.loop.error
 
     def add_request(self, request: EngineRequest, embeddings: Sequence[tuple[int, torch.Tensor]] = (),
-                    stream_interval_s: float | None = None) -> AsyncIterator[RequestOutput]:
+                    stream_interval_s: float | None = None,
+                    reply_to: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue the request (RequestError now if it can never run, EngineDeadError if the loop
         died) and return its output stream. Must be called on the asyncio loop that will read it.
-        stream_interval_s defaults to the engine config's (see OutputStreams._read)."""
+        stream_interval_s defaults to the engine config's (see OutputStreams._read). reply_to is
+        not used: a replica that steps its engine itself streams every output (the router reads both)."""
         self.loop.check_alive()
         self.engine.check(request)
         interval = self.engine.config.stream_interval_s if stream_interval_s is None else stream_interval_s

@@ -38,10 +38,11 @@ from runtime.lm_service.image_feed import ImageFeed, feed_hooks
 from runtime.lm_service.loading import build_engine
 from runtime.lm_service.ray_ranks import ray_launcher
 from runtime.lm_service.request_state import EngineRequest
+from runtime.node_address import node_ip
 from runtime.protocol import AdminCall, AdminResult, ErrorKind, GenerateRequest, RequestOutput
 from runtime.settings import EngineConfig, VisionClientConfig
 from runtime.stats_board import Reporter, board, rss_bytes
-from runtime.transport import EmbeddingSender, node_ip
+from runtime.transport import EmbeddingSender
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +113,9 @@ class LMService:
     # --- the handle API ----------------------------------------------------------------------
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[RequestOutput]:
+        """The request's outputs; with request.reply_to and an engine-core process, the core pushes
+        them to that router's token inbox itself, and this call yields only errors made here (a
+        refusal, a dead engine) and returns when the request ended."""
         rid = request.request_id
         if (refusal := await self.admission.enter()) is not None:  # waits while an admin operation runs
             log.info("%s: refused: %s", rid, refusal)
@@ -120,7 +124,8 @@ class LMService:
         self.feed.expect(rid, request.images)
         try:
             keys = tuple(request.image_keys)  # the router's; nothing here hashes an image again
-            stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, keys))
+            stream = self.engine.add_request(EngineRequest(rid, request.prompt_ids, request.sampling, keys),
+                                             reply_to=request.reply_to)
         except RequestError as e:
             log.info("%s: refused: %s", rid, e)
             self.feed.forget(rid)
@@ -135,6 +140,8 @@ class LMService:
             self.feed.encode(rid)
             async for out in stream:
                 last = out
+                if out.relayed:  # the engine core sent the outputs to the router itself: the call ends
+                    break
                 yield out
         finally:
             self.engine.abort(rid)  # a no-op when it finished; frees everything when the caller left

@@ -117,16 +117,20 @@ class EngineClient:
     # --- the engine's face (the replica's event loop) ------------------------------------------
 
     def add_request(self, request: EngineRequest, embeddings: Sequence[tuple[int, torch.Tensor]] = (),
-                    stream_interval_s: float | None = None) -> AsyncIterator[RequestOutput]:
+                    stream_interval_s: float | None = None,
+                    reply_to: str | None = None) -> AsyncIterator[RequestOutput]:
         """Queue the request and return its output stream; a request that can never run gets an
-        error as its only output. Embeddings come from the vision pool straight into the core."""
+        error as its only output. Embeddings come from the vision pool straight into the core.
+        With reply_to (a router's token inbox) the core sends the outputs there, and this stream
+        gets only the `relayed` copy of the last one, or an error made here (the core died)."""
         if embeddings:
             raise ValueError("embeddings for an engine-core process go to its inbox, not through the replica")
         self.check_alive()
         interval = self.config.stream_interval_s if stream_interval_s is None else stream_interval_s
         stream = self.streams.open(request.request_id, interval)
         self._live.add(request.request_id)
-        self._send(CoreAdd(request.request_id, request.prompt_ids, request.params, list(request.image_hashes)))
+        self._send(CoreAdd(request.request_id, request.prompt_ids, request.params, list(request.image_hashes),
+                           reply_to))
         return stream
 
     def abort(self, request_id: str) -> None:

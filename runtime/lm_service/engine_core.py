@@ -8,6 +8,8 @@ CoreEvent out): requests, aborts and failures in; each step's outputs for all re
 message, the engine hooks (embeddings needed again, request released) and a stats snapshot out.
 Vision replicas push embeddings straight into this process's own inbox (its address is the
 `reply_to` the replica gives the vision pool), so image tensors never pass through the replica.
+Likewise a request with a `reply_to` (a router's token inbox) has its outputs pushed straight to
+that router, one message per step for all of its requests; the replica hears only its end.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ from runtime.protocol import (
     CoreWhenMissing,
     EmbeddingHeader,
     EncodeError,
+    RequestOutput,
+    TokenBatch,
 )
 from runtime.settings import EngineConfig
 from runtime.transport import EmbeddingInbox
@@ -69,6 +73,59 @@ class CoreSpec:
     inbox_host: str
     weights: tuple[str, int] | None = None  # (checkpoint, version) replacing model_dir's weights
     log_level: int = logging.INFO  # the replica's (runtime.logs.level)
+
+
+class _Outputs:
+    """Where each step's outputs go: a request with a reply_to, to that router's token inbox (one
+    message per router per step), plus a `relayed` copy of its last output to the replica, which
+    ends its handle call; every other request's, to the replica. Sent on the loop's thread only."""
+
+    def __init__(self, context: zmq.Context, events: _Events):
+        self.context, self.events = context, events
+        self._reply_to: dict[str, str] = {}  # set by the reader thread before the loop sees the request
+        self._routers: dict[str, zmq.Socket] = {}
+        self.dropped = 0
+
+    def admitted(self, request_id: str, reply_to: str | None) -> None:
+        if reply_to is not None:
+            self._reply_to[request_id] = reply_to
+
+    def forget(self, request_id: str) -> None:
+        """An aborted request has no last output: its caller left."""
+        self._reply_to.pop(request_id, None)
+
+    def send(self, outputs: list[RequestOutput]) -> None:
+        own: list[RequestOutput] = []
+        direct: dict[str, list[RequestOutput]] = {}
+        for out in outputs:
+            address = self._reply_to.pop(out.request_id, None) if out.finished else self._reply_to.get(out.request_id)
+            if address is None:
+                own.append(out)
+                continue
+            direct.setdefault(address, []).append(out)
+            if out.finished:
+                own.append(msgspec.structs.replace(out, relayed=True))
+        for address, batch in direct.items():
+            self._push(address, batch)
+        if own:
+            self.events.send(CoreOutputs(own))
+
+    def _push(self, address: str, batch: list[RequestOutput]) -> None:
+        socket = self._routers.get(address)
+        if socket is None:
+            socket = self._routers[address] = self.context.socket(zmq.PUSH)
+            socket.setsockopt(zmq.LINGER, 0)
+            socket.setsockopt(zmq.SNDHWM, 100_000)  # a slow router queues; a gone one is aborted by Serve
+            socket.connect(address)
+        try:
+            socket.send(_encoder.encode(TokenBatch(batch)), zmq.NOBLOCK)
+        except zmq.Again:  # never block the step loop: that router's streams lose these outputs
+            self.dropped += 1
+            log.warning("the token inbox %s is not taking outputs; %d dropped", address, len(batch))
+
+    def close(self) -> None:
+        for socket in self._routers.values():
+            socket.close()
 
 
 class _Events:
@@ -112,12 +169,13 @@ def run_engine_core(spec: CoreSpec) -> None:
             early.expire()
         events.send(CoreStats(asdict(snapshot), inbox.malformed if inbox is not None else 0))
 
-    loop = EngineLoop(engine, lambda outputs: events.send(CoreOutputs(outputs)), stats)
+    outputs = _Outputs(context, events)
+    loop = EngineLoop(engine, outputs.send, stats)
     early = _EarlyArrivals(loop)
     # Drained by the command reader, not a thread of its own: see _read.
     inbox = EmbeddingInbox(early.embeddings, early.error, spec.inbox_host, context, thread_name=None)
-    reader = threading.Thread(target=_read, args=(context, spec.commands, inbox, loop, early, events), daemon=True,
-                              name="core-reader")
+    reader = threading.Thread(target=_read, args=(context, spec.commands, inbox, loop, early, events, outputs),
+                              daemon=True, name="core-reader")
     reader.start()
     events.send(CoreReady(inbox.address, os.getpid()))
     try:
@@ -127,12 +185,19 @@ def run_engine_core(spec: CoreSpec) -> None:
     finally:
         inbox.close()
         loop.close()
+        outputs.close()
         events.socket.close()
 
 
-def _admit(loop: EngineLoop, early: _EarlyArrivals, add: CoreAdd) -> None:
+def _admit(loop: EngineLoop, early: _EarlyArrivals, outputs: _Outputs, add: CoreAdd) -> None:
+    outputs.admitted(add.request_id, add.reply_to)
     loop.admit(EngineRequest(add.request_id, add.prompt_ids, add.sampling, tuple(add.image_hashes)))
     early.admitted(add.request_id)
+
+
+def _abort(loop: EngineLoop, outputs: _Outputs, request_id: str) -> None:
+    outputs.forget(request_id)
+    loop.abort(request_id)
 
 
 def _exit_with_parent(parent: int, period_s: float = 1.0) -> None:
@@ -192,7 +257,7 @@ class _EarlyArrivals:
 
 
 def _read(context: zmq.Context, address: str, inbox: EmbeddingInbox, loop: EngineLoop, early: _EarlyArrivals,
-          events: _Events) -> None:
+          events: _Events, outputs: _Outputs) -> None:
     """One thread reads both sockets, commands first: the replica sends a request's CoreAdd before
     it asks the vision pool for its images, so the add is usually queued before them; what still
     comes first waits in _EarlyArrivals."""
@@ -204,8 +269,8 @@ def _read(context: zmq.Context, address: str, inbox: EmbeddingInbox, loop: Engin
     admin = EngineAdmin(loop)
     handlers: dict[type, Any] = {
         CoreAdmin: lambda m: admin.run(m.op, lambda result: events.send(CoreAdminDone(m.token, result))),
-        CoreAdd: lambda m: _admit(loop, early, m),
-        CoreAbort: lambda m: loop.abort(m.request_id),
+        CoreAdd: lambda m: _admit(loop, early, outputs, m),
+        CoreAbort: lambda m: _abort(loop, outputs, m.request_id),
         CoreFail: lambda m: loop.fail(m.request_id, m.message, m.error_type),
         CoreWhenMissing: lambda m: loop.when_missing(
             m.request_id, m.image_indexes, lambda lost: events.send(CoreMissing(m.token, lost))),

@@ -3,24 +3,32 @@
 The router holds no tensors: what it runs is a Plan of GenerateRequests, and what comes back is
 RequestOutputs. Every way a stream can end early (client gone, timeout, replica death) cancels its
 handle call, and the LM replica then frees the request's KV blocks and releases its vision references.
+
+With a token inbox (runtime.router.token_inbox) each request names it as its reply_to: an LM
+replica whose engine steps in a process of its own has the outputs pushed there, and its handle
+call carries only what the replica itself says (a refusal, a dead engine) and ends with the
+request; a replica that steps its engine itself streams every output through the call. Both feed
+one queue per request, so the reader does not care which.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import msgspec
 
-from runtime.protocol import GenerateRequest, RequestOutput
+from runtime.protocol import GenerateRequest, RequestOutput, merge_outputs
 from runtime.requests import ResponseOptions
 from runtime.router import generate_api
 from runtime.router import openai_api as api
 from runtime.router.assistant import ToolUse
 from runtime.router.metrics import RequestTimer
+from runtime.router.token_inbox import TokenInbox
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +70,24 @@ class LMFailed(Exception):
         self.retryable = retryable
 
 
+@dataclasses.dataclass(frozen=True)
+class _CallEnded:
+    """The handle call ended (error None) or failed."""
+
+    error: BaseException | None = None
+
+
 class LMStreams:
     """The router's streams from the LM pool (a Serve handle to LMService), each bounded by the
-    request timeout; `in_flight` counts the choices being served now (the 429 limit reads it)."""
+    request timeout; `in_flight` counts the choices being served now (the 429 limit reads it).
+    `last_output_wait_s`: how long a request whose handle call ended waits for its last output
+    to reach the inbox (the engine core sends it before it tells the replica, on another socket)."""
 
-    def __init__(self, lm: Any, timeout_s: float):
+    def __init__(self, lm: Any, timeout_s: float, inbox: TokenInbox | None = None, last_output_wait_s: float = 5.0):
         self.lm = lm
         self.timeout_s = timeout_s
+        self.inbox = inbox
+        self.last_output_wait_s = last_output_wait_s
         self.in_flight = 0
 
     async def merged(self, plan: Plan) -> AsyncIterator[tuple[int, RequestOutput]]:
@@ -137,15 +156,67 @@ class LMStreams:
             self.in_flight -= 1
 
     async def _attempt(self, gen: GenerateRequest) -> AsyncIterator[RequestOutput]:
-        stream = self.lm.options(stream=True).generate.remote(gen)
-        produced = False
-        try:
-            async for out in stream:
-                produced = True
+        queue: asyncio.Queue[RequestOutput | _CallEnded]
+        with self._opened(gen) as (gen, queue):
+            stream = self.lm.options(stream=True).generate.remote(gen)
+            call = asyncio.create_task(_pump_call(stream, queue))
+            produced = False
+            try:
+                async for out in self._read(gen.request_id, queue):
+                    produced = True
+                    yield out
+            except LMFailed as e:
+                e.retryable = not produced
+                raise
+            finally:
+                call.cancel()
+                stream.cancel()  # a no-op when it finished; otherwise the LM replica aborts the request
+
+    @contextlib.contextmanager
+    def _opened(self, gen: GenerateRequest) -> Iterator[tuple[GenerateRequest, asyncio.Queue]]:
+        if self.inbox is None:
+            yield gen, asyncio.Queue()
+            return
+        self.inbox.start()
+        with self.inbox.opened(gen.request_id) as queue:
+            yield msgspec.structs.replace(gen, reply_to=self.inbox.address), queue
+
+    async def _read(self, request_id: str, queue: asyncio.Queue) -> AsyncIterator[RequestOutput]:
+        """Outputs until the last one (what piled up is merged into one); LMFailed if the call failed,
+        or if it ended and the last output did not follow within last_output_wait_s."""
+        call_ended, failure = False, None
+        while failure is None:
+            try:
+                async with asyncio.timeout(self.last_output_wait_s if call_ended else None):
+                    item = await queue.get()
+            except TimeoutError:
+                log.error("%s: the LM replica ended the call but the last output never came", request_id)
+                raise LMFailed(retryable=False) from None
+            outs: list[RequestOutput] = []
+            while True:
+                if isinstance(item, _CallEnded):
+                    call_ended, failure = True, item.error
+                else:
+                    outs.append(item)
+                if failure is not None or (outs and outs[-1].finished) or queue.empty():
+                    break
+                item = queue.get_nowait()
+            if outs:
+                out = merge_outputs(outs)
                 yield out
-        except (asyncio.CancelledError, GeneratorExit):
-            raise
-        except Exception as e:
-            raise LMFailed(retryable=not produced) from e
-        finally:
-            stream.cancel()  # a no-op when it finished; otherwise the LM replica aborts the request
+                if out.finished:
+                    return
+        raise LMFailed(retryable=False) from failure
+
+
+async def _pump_call(stream: Any, queue: asyncio.Queue) -> None:
+    """Whatever the handle call yields goes to the request's queue, then how the call ended."""
+    try:
+        async for out in stream:
+            queue.put_nowait(out)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:
+        queue.put_nowait(_CallEnded(e))
+    else:
+        queue.put_nowait(_CallEnded())

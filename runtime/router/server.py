@@ -28,6 +28,7 @@ from runtime import __version__ as RUNTIME_VERSION
 from runtime import logs, serve_compat
 from runtime.config import AppConfig
 from runtime.errors import RequestError
+from runtime.node_address import node_ip
 from runtime.protocol import GenerateRequest
 from runtime.requests import (
     ChatRequest,
@@ -49,6 +50,7 @@ from runtime.router.fetch import ImageFetcher
 from runtime.router.lm_streams import LMStreams, Plan, fan_out
 from runtime.router.metrics import RouterMetrics, prometheus_text
 from runtime.router.prepare import RequestPreparer
+from runtime.router.token_inbox import TokenInbox
 from runtime.stats_board import board
 
 log = logging.getLogger(__name__)
@@ -85,15 +87,17 @@ class Router:
         self.fetcher = ImageFetcher(urls.fetch_timeout_s, self.limits.max_image_bytes, urls.allow_private_addresses)
         self.telemetry = RouterMetrics()
         self.board = board(serve.get_replica_context().app_name)
-        self.streams = LMStreams(lm, self.config.limits.request_timeout_s)
+        self.inbox = TokenInbox(node_ip())  # engine cores push this router's outputs here
+        self.streams = LMStreams(lm, self.config.limits.request_timeout_s, self.inbox)
         self.weights = WeightsSeen()  # also moved by the admin endpoints (runtime.router.admin)
         self.answers = Answers(self.streams, self.model, self.prep.tokenizer, self.telemetry, self.weights)
         self.admin = admin.AdminFanOut(lm, self.board, self.config.admin.timeout_s, model_dir)
         self._pool_state: tuple[float, dict[str, Any]] = (0.0, {})  # (when read, the board's admin state)
         log.info("router ready: model %s served as %s, at most %d requests in flight, timeout %s s, API key %s, "
-                 "admin endpoints %s", model_dir, self.config.served_names, self.config.limits.max_queued_requests,
-                 self.config.limits.request_timeout_s, "on" if self.config.api_key else "off",
-                 "on" if self.config.admin.enabled else "off")
+                 "admin endpoints %s, tokens arrive at %s", model_dir, self.config.served_names,
+                 self.config.limits.max_queued_requests, self.config.limits.request_timeout_s,
+                 "on" if self.config.api_key else "off", "on" if self.config.admin.enabled else "off",
+                 self.inbox.address)
 
     # --- endpoints -----------------------------------------------------------------------------
 

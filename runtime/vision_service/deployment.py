@@ -18,10 +18,11 @@ from typing import Any
 from ray import serve
 
 from runtime import logs, serve_compat
+from runtime.node_address import node_ip
 from runtime.protocol import EncodeAccepted, EncodeRequest
 from runtime.settings import VisionConfig
 from runtime.stats_board import Reporter, rss_bytes
-from runtime.transport import EmbeddingSender, ReleaseInbox, node_ip
+from runtime.transport import EmbeddingSender, ReleaseInbox
 from runtime.vision_service.encoder import ImageInput, VisionEncoder
 
 log = logging.getLogger(__name__)

@@ -156,3 +156,57 @@ def test_embeddings_that_arrive_before_their_request_are_held_for_it(checkpoints
         sender.close()
         client.close()
     assert tokens == expected.token_ids and dropped == 0
+
+
+def test_outputs_for_a_token_inbox_go_straight_there_and_the_replica_hears_only_each_end(checkpoints) -> None:
+    """reply_to: the core pushes a router's outputs to its inbox (the same answers as in-process);
+    the replica's stream gets the relayed last output alone; a request without one streams as before;
+    and a core that dies ends a relayed request through the replica's stream."""
+    from runtime.router.token_inbox import TokenInbox
+
+    path = checkpoints("tiny")
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    prompts = {"r0": [5, 6, 7], "r1": [9, 3], "own": [4, 4, 8]}  # the replica's streams: as before
+    recorder = Recorder()
+    client = EngineClient(str(path), CONFIG, recorder.hooks(), "127.0.0.1", liveness_period_s=0.1)
+
+    async def relayed(inbox: TokenInbox, rid: str) -> tuple[list[int], list]:
+        with inbox.opened(rid) as queue:
+            stream = client.add_request(EngineRequest(rid, prompts[rid], params), reply_to=inbox.address)
+            replica_saw = [out async for out in stream]
+            tokens: list[int] = []
+            while True:
+                out = await asyncio.wait_for(queue.get(), 30)
+                tokens += out.token_ids
+                if out.finished:
+                    return tokens, replica_saw
+
+    async def streamed(rid: str) -> list[int]:
+        return [t async for out in client.add_request(EngineRequest(rid, prompts[rid], params)) for t in out.token_ids]
+
+    async def main() -> tuple:
+        inbox = TokenInbox("127.0.0.1")
+        inbox.start()
+        try:
+            expected = {rid: await streamed(rid) for rid in ("r0", "r1")}  # as test 1: the in-process answers
+            both = await asyncio.gather(relayed(inbox, "r0"), relayed(inbox, "r1"))
+            own = [out async for out in client.add_request(EngineRequest("own", prompts["own"], params))]
+            dying = client.add_request(EngineRequest("dying", [3, 4], SamplingParams(max_tokens=5000, ignore_eos=True)),
+                                       reply_to=inbox.address)
+            os.kill(client.pid, signal.SIGKILL)
+            last = [out async for out in dying]
+            return expected, both, own, last
+        finally:
+            inbox.close()
+
+    try:
+        expected, both, own, last = asyncio.run(main())
+    finally:
+        client.close()
+    for rid, (tokens, replica_saw) in zip(["r0", "r1"], both, strict=True):
+        assert tokens == expected[rid] and len(tokens) == 12
+        (end,) = replica_saw
+        assert end.relayed and end.finished and end.finish_reason == "length"
+    assert sum(len(out.token_ids) for out in own) == 12 and not any(o.relayed for o in own)
+    (dead,) = last
+    assert dead.finish_reason == "error" and not dead.relayed and "engine stopped" in (dead.error or "")

@@ -11,9 +11,8 @@ import pytest
 import torch
 import zmq
 
-from runtime import transport
 from runtime.protocol import EmbeddingHeader, EncodeError
-from runtime.transport import EmbeddingInbox, EmbeddingSender, node_ip, tensor_from_frame
+from runtime.transport import EmbeddingInbox, EmbeddingSender, tensor_from_frame
 
 
 def _inbox() -> tuple[EmbeddingInbox, queue.Queue]:
@@ -87,28 +86,6 @@ def test_embeddings_from_another_process() -> None:
         inbox.close()
     torch.manual_seed(5)
     assert header.sender == "vision-proc" and torch.equal(received, torch.randn(300, 128))
-
-
-def _fake_ray_node(monkeypatch, address: str, alive_nodes: int) -> None:
-    import ray
-
-    monkeypatch.setattr(ray, "is_initialized", lambda: True)
-    monkeypatch.setattr(ray.util, "get_node_ip_address", lambda: address)
-    monkeypatch.setattr(transport, "_alive_nodes", lambda: alive_nodes)
-
-
-def test_a_ray_process_advertises_rays_node_address_not_the_default_routes(monkeypatch) -> None:
-    # A host without a default route: the routing-table guess would give loopback; Ray knows better.
-    _fake_ray_node(monkeypatch, "10.77.0.2", alive_nodes=2)
-    assert node_ip() == "10.77.0.2"
-
-
-def test_loopback_is_refused_when_other_nodes_could_not_reach_it(monkeypatch) -> None:
-    _fake_ray_node(monkeypatch, "127.0.0.1", alive_nodes=2)
-    with pytest.raises(RuntimeError, match="could not reach"):
-        node_ip()
-    _fake_ray_node(monkeypatch, "127.0.0.1", alive_nodes=1)  # one node: loopback is right
-    assert node_ip() == "127.0.0.1"
 
 
 def test_a_sender_with_a_proxy_connects_through_it_and_reconnects_after_a_cut() -> None:

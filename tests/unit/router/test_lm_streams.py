@@ -110,6 +110,7 @@ def test_a_prompts_later_choices_start_after_its_first_choice_answered():
         started.append(gen.request_id)
         await asyncio.sleep(0.01)
         yield RequestOutput(gen.request_id, [5], "a")
+        await asyncio.sleep(0.01)  # read before the next comes: outputs that piled up are merged
         yield RequestOutput(gen.request_id, [6], "b", True, "stop")
 
     async def run() -> tuple[list[tuple[int, str]], list[str]]:
@@ -152,3 +153,82 @@ def test_fan_out_gives_each_choice_its_own_id_and_seed():
     assert [g.request_id for g in gens] == ["r-0", "r-1", "r-2"]
     assert [g.sampling.seed for g in gens] == [2**64 - 1, 0, 1]
     assert [g.sampling.seed for g in fan_out(_gen(), 2)] == [None, None]
+
+
+# --- with a token inbox: outputs arrive over real ZMQ, the handle call carries only the end ------
+
+
+def _pusher(address: str):
+    import msgspec
+    import zmq
+
+    from runtime.protocol import TokenBatch
+
+    socket = zmq.Context.instance().socket(zmq.PUSH)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.connect(address)
+    return lambda *outs: socket.send(msgspec.msgpack.encode(TokenBatch(list(outs))))
+
+
+def _relayed_script(pushes: Callable[[GenerateRequest], list[list[RequestOutput]]], call_ends: bool = True):
+    """An LM replica whose engine core pushes each batch of `pushes(gen)` to gen.reply_to, then ends
+    the call (as LMService.generate does once it hears of the relayed last output)."""
+
+    async def script(gen, call):
+        push = _pusher(gen.reply_to)
+        for batch in pushes(gen):
+            push(*batch)
+            await asyncio.sleep(0.01)
+        if not call_ends:
+            await asyncio.sleep(10)
+        return
+        yield  # an async generator that yields nothing
+
+    return script
+
+
+def _with_inbox(script: Script, **kwargs) -> tuple[LMStreams, _FakeLM]:
+    from runtime.router.token_inbox import TokenInbox
+
+    lm = _FakeLM(script)
+    return LMStreams(lm, timeout_s=5.0, inbox=TokenInbox("127.0.0.1"), **kwargs), lm
+
+
+def test_outputs_pushed_to_the_inbox_are_the_stream_and_the_calls_end_is_awaited_for_the_last():
+    def pushes(gen):
+        rid = gen.request_id
+        return [[RequestOutput(rid, [5], "a")], [RequestOutput("someone-else", [9], "z")],
+                [RequestOutput(rid, [6], "b"), RequestOutput(rid, [7], "c", True, "stop")]]
+
+    streams, lm = _with_inbox(_relayed_script(pushes))
+
+    async def run() -> list[str]:
+        texts = await _collect(streams, _gen())
+        assert streams.inbox is not None and not streams.inbox._queues  # closed with the request
+        return texts
+
+    # the second step's two outputs came in one message: merged, as any outputs that piled up
+    assert asyncio.run(run()) == ["a", "bc"]
+    (rid, stream), = lm.calls
+    assert rid == "r" and stream.cancelled and streams.in_flight == 0
+
+
+def test_a_call_that_ends_without_the_last_output_fails_after_the_wait():
+    streams, lm = _with_inbox(_relayed_script(lambda gen: [[RequestOutput(gen.request_id, [5], "a")]]),
+                              last_output_wait_s=0.2)
+    with pytest.raises(LMFailed) as failed:
+        asyncio.run(_collect(streams, _gen()))
+    assert not failed.value.retryable and len(lm.calls) == 1  # it had answered: not tried again
+
+
+def test_an_error_the_replica_itself_sends_ends_the_stream():
+    async def script(gen, call):
+        yield RequestOutput(gen.request_id, [], "", True, "error", error="the engine stopped")
+
+    streams, _ = _with_inbox(script)
+
+    async def run() -> list[RequestOutput]:
+        return [out async for out in streams.outputs(_gen())]
+
+    (out,) = asyncio.run(run())
+    assert out.finish_reason == "error" and out.error == "the engine stopped"
