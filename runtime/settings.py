@@ -61,6 +61,8 @@ class EngineTunables:
     ep_size: int = Field(default=1, ge=1, description="expert-parallel ranks per LM replica")
     ep_timeout_s: float = Field(default=120.0, gt=0)
     threads_per_rank: int = Field(default=1, ge=1, description="torch threads of each rank")
+    # Streams through the LM replica only (ep_size > 1): an engine-core process pushes each step's
+    # outputs to the router, which merges only what piled up (runtime.router.lm_streams).
     stream_interval_ms: float = Field(default=5.0, ge=0, description="merge streamed tokens after the first over this")
 
     @property
