@@ -103,8 +103,9 @@ class _Outputs:
                 own.append(out)
                 continue
             direct.setdefault(address, []).append(out)
-            if out.finished:
-                own.append(msgspec.structs.replace(out, relayed=True))
+            if out.finished:  # the replica logs how it ended; the payload (routed experts too) went to the router
+                own.append(msgspec.structs.replace(out, relayed=True, token_ids=[], text="", logprobs=None,
+                                                   prompt_logprobs=None, routed_experts=None))
         for address, batch in direct.items():
             self._push(address, batch)
         if own:
