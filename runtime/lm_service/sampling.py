@@ -61,13 +61,28 @@ def choose_rows(logits: torch.Tensor, temperatures: list[float], generator: torc
     """Plain sampling of many rows at once: logits [B, V] float32, one temperature per row (0 means
     greedy), no top-k / top-p / min-p. One generator draws for every row, so this serves requests
     without a seed of their own; a seeded request keeps its own stream through `choose`."""
+    hot = [i for i, t in enumerate(temperatures) if t > 0]
+    if not hot:
+        return torch.argmax(logits, dim=-1).tolist()
+    temps = torch.tensor([temperatures[i] for i in hot], dtype=logits.dtype)
+    every_row = len(hot) == len(temperatures)
+    probs = torch.softmax((logits if every_row else logits[hot]) / temps[:, None], dim=-1)
+    drawn = exponential_race(probs, generator)
+    if every_row:
+        return drawn.tolist()
     tokens = torch.argmax(logits, dim=-1)
-    temps = torch.tensor(temperatures, dtype=logits.dtype)
-    hot = temps > 0
-    if bool(hot.any()):
-        probs = torch.softmax(logits[hot] / temps[hot, None], dim=-1)
-        tokens[hot] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    tokens[hot] = drawn
     return tokens.tolist()
+
+
+def exponential_race(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs [B, V], each with its row's probability: argmax of p / q with q
+    ~ Exp(1), the draw torch.multinomial makes for one sample, but with q = -log(u), u ~ U[0, 1):
+    torch's exponential_ costs 140 us for [16, 576] on CPU, uniform draws plus a log 35 us.
+    u is kept above 0 so that q is finite and positive: a token of probability 0 never wins."""
+    u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype).clamp_min_(torch.finfo(probs.dtype).tiny)
+    q = u.log_().neg_()  # [B, V]
+    return torch.argmax(probs / q, dim=-1)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:

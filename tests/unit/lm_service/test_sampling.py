@@ -69,3 +69,14 @@ def test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows() -> None:
     narrow = torch.full((1, 2), -1, dtype=torch.int32)  # covers 64 tokens: the rest is banned
     apply_token_bitmask(logits, narrow, [1])
     assert torch.isfinite(logits[1, :64]).all() and torch.isinf(logits[1, 64:]).all()
+
+
+def test_rows_all_hot_follow_their_distribution_and_never_draw_banned_tokens() -> None:
+    from runtime.lm_service.sampling import choose_rows
+
+    logits = torch.stack([LOGITS, LOGITS.masked_fill(torch.tensor([True, True, False, False, True]), float("-inf"))])
+    g = torch.Generator().manual_seed(5)
+    draws = torch.tensor([choose_rows(logits, [1.0, 2.0], g) for _ in range(600)])
+    assert set(draws[:, 1].tolist()) == {2, 3}  # the banned tokens (probability 0) never come
+    expected = torch.softmax(LOGITS, -1)
+    assert (torch.bincount(draws[:, 0], minlength=5) / 600 - expected).abs().max() < 0.07
