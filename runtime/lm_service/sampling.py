@@ -67,7 +67,7 @@ def choose_rows(logits: torch.Tensor, temperatures: list[float], generator: torc
     temps = torch.tensor([temperatures[i] for i in hot], dtype=logits.dtype)
     every_row = len(hot) == len(temperatures)
     probs = torch.softmax((logits if every_row else logits[hot]) / temps[:, None], dim=-1)
-    drawn = exponential_race(probs, generator)
+    drawn = draw_rows(probs, generator)
     if every_row:
         return drawn.tolist()
     tokens = torch.argmax(logits, dim=-1)
@@ -75,14 +75,18 @@ def choose_rows(logits: torch.Tensor, temperatures: list[float], generator: torc
     return tokens.tolist()
 
 
-def exponential_race(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """One token per row of probs [B, V], each with its row's probability: argmax of p / q with q
-    ~ Exp(1), the draw torch.multinomial makes for one sample, but with q = -log(u), u ~ U[0, 1):
-    torch's exponential_ costs 140 us for [16, 576] on CPU, uniform draws plus a log 35 us.
-    u is kept above 0 so that q is finite and positive: a token of probability 0 never wins."""
-    u = torch.rand(probs.shape, generator=generator, dtype=probs.dtype).clamp_min_(torch.finfo(probs.dtype).tiny)
-    q = u.log_().neg_()  # [B, V]
-    return torch.argmax(probs / q, dim=-1)
+def draw_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs [B, V], each with its row's probability, by inverting the row's
+    CDF at one uniform draw: B random numbers, where torch.multinomial's exponential race draws
+    B * V (at [16, 576] 18 us against 150 us; at Kimi's vocabulary of 163840, 2.3 ms against 40 ms).
+    A token of probability 0 never comes: its CDF equals its predecessor's, so it is never the
+    first to exceed u, nor the first to reach the total (the cap for a u that rounds up to it)."""
+    cdf = probs.cumsum(dim=-1)  # [B, V], nondecreasing (CPU cumsum adds in order)
+    total = cdf[:, -1:].contiguous()  # [B, 1]
+    u = torch.rand(total.shape, generator=generator, dtype=probs.dtype) * total
+    first_above = torch.searchsorted(cdf, u, right=True)
+    last_possible = torch.searchsorted(cdf, total)
+    return torch.minimum(first_above, last_possible).squeeze(1)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:

@@ -80,3 +80,11 @@ def test_rows_all_hot_follow_their_distribution_and_never_draw_banned_tokens() -
     assert set(draws[:, 1].tolist()) == {2, 3}  # the banned tokens (probability 0) never come
     expected = torch.softmax(LOGITS, -1)
     assert (torch.bincount(draws[:, 0], minlength=5) / 600 - expected).abs().max() < 0.07
+
+
+def test_draw_rows_caps_a_uniform_at_the_total_to_the_last_possible_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.lm_service.sampling import draw_rows
+
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape))  # u = the CDF's total
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert draw_rows(probs, torch.Generator()).tolist() == [2, 0]
