@@ -305,17 +305,24 @@ class MoEGate(nn.Module):
         cfg = self.cfg
         scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [T, E]
         choice = scores + self.e_score_correction_bias
-        grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
-        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, groups]
-        group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
-        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
-        expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(-1, cfg.n_routed_experts)
-        choice = choice.masked_fill(~expert_mask, float("-inf"))
+        if cfg.topk_group < cfg.n_group:  # else every group is kept (Kimi K2 has one group)
+            choice = self._in_top_groups(choice)
         ids = choice.topk(cfg.num_experts_per_tok, dim=-1, sorted=False)[1]
         weights = scores.gather(1, ids)
         if cfg.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * cfg.routed_scaling_factor, ids
+
+    def _in_top_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        """choice [T, E] with the experts outside the topk_group best groups (ranked by the sum of
+        their two best biased scores) set to -inf."""
+        cfg = self.cfg
+        grouped = choice.view(-1, cfg.n_group, cfg.n_routed_experts // cfg.n_group)
+        group_scores = grouped.topk(2, dim=-1)[0].sum(dim=-1)  # [T, groups]
+        group_idx = group_scores.topk(cfg.topk_group, dim=-1, sorted=False)[1]
+        group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1).bool()
+        expert_mask = group_mask[:, :, None].expand_as(grouped).reshape(-1, cfg.n_routed_experts)
+        return choice.masked_fill(~expert_mask, float("-inf"))
 
 
 ExpertDispatch = Callable[[ExpertBank, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
