@@ -190,8 +190,10 @@ class MLAttention(nn.Module):
         q = q.view(x.shape[0], cfg.num_attention_heads, cfg.qk_head_dim)
         q_nope, q_rot = q.split([cfg.qk_nope_head_dim, cfg.qk_rope_head_dim], dim=-1)
         kv_nope, k_rot = self.kv_a_proj_with_mqa(x).split([cfg.kv_lora_rank, cfg.qk_rope_head_dim], dim=-1)
-        q_rot = rope.rotate(q_rot, cos, sin)
-        k_rot = rope.rotate(k_rot[:, None, :], cos, sin)[:, 0]
+        # The query heads and the shared key rotated in one call, as H + 1 heads [T, H + 1, p]:
+        # elementwise, so the same values as one call each, in half the small ops.
+        rotated = rope.rotate(torch.cat([q_rot, k_rot[:, None, :]], dim=1), cos, sin)
+        q_rot, k_rot = rotated[:, :-1], rotated[:, -1]
         latent = torch.cat([self.kv_a_layernorm(kv_nope), k_rot], dim=-1)
         return q_nope, q_rot, latent
 
