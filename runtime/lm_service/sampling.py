@@ -83,6 +83,8 @@ def draw_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     first to exceed u, nor the first to reach the total (the cap for a u that rounds up to it)."""
     cdf = probs.cumsum(dim=-1)  # [B, V], nondecreasing (CPU cumsum adds in order)
     total = cdf[:, -1:].contiguous()  # [B, 1]
+    if not bool(torch.isfinite(total).all()):  # a nan row would draw past the vocabulary
+        raise ValueError("probability rows contain inf or nan")  # as torch.multinomial refuses them
     u = torch.rand(total.shape, generator=generator, dtype=probs.dtype) * total
     first_above = torch.searchsorted(cdf, u, right=True)
     last_possible = torch.searchsorted(cdf, total)

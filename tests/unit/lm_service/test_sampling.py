@@ -88,3 +88,10 @@ def test_draw_rows_caps_a_uniform_at_the_total_to_the_last_possible_token(monkey
     monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape))  # u = the CDF's total
     probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
     assert draw_rows(probs, torch.Generator()).tolist() == [2, 0]
+
+
+def test_draw_rows_refuses_a_nan_row() -> None:
+    from runtime.lm_service.sampling import draw_rows
+
+    with pytest.raises(ValueError, match="nan"):
+        draw_rows(torch.tensor([[0.5, 0.5], [float("nan"), float("nan")]]), torch.Generator())
