@@ -319,7 +319,8 @@ class Engine:
         plain = [i for i, t in enumerate(temperatures) if t is not None]
         tokens: list[int | None] = [None] * len(states)
         if plain:
-            drawn = choose_rows(logits[plain], [temperatures[i] or 0.0 for i in plain], self._generator)
+            rows = logits if len(plain) == len(states) else logits[plain]  # no [B, V] copy when all are plain
+            drawn = choose_rows(rows, [temperatures[i] or 0.0 for i in plain], self._generator)
             for i, token in zip(plain, drawn, strict=True):
                 tokens[i] = token
         return [t if t is not None else state.sample(logits[i])

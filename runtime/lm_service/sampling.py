@@ -61,13 +61,34 @@ def choose_rows(logits: torch.Tensor, temperatures: list[float], generator: torc
     """Plain sampling of many rows at once: logits [B, V] float32, one temperature per row (0 means
     greedy), no top-k / top-p / min-p. One generator draws for every row, so this serves requests
     without a seed of their own; a seeded request keeps its own stream through `choose`."""
+    hot = [i for i, t in enumerate(temperatures) if t > 0]
+    if not hot:
+        return torch.argmax(logits, dim=-1).tolist()
+    temps = torch.tensor([temperatures[i] for i in hot], dtype=logits.dtype)
+    every_row = len(hot) == len(temperatures)
+    probs = torch.softmax((logits if every_row else logits[hot]) / temps[:, None], dim=-1)
+    drawn = draw_rows(probs, generator)
+    if every_row:
+        return drawn.tolist()
     tokens = torch.argmax(logits, dim=-1)
-    temps = torch.tensor(temperatures, dtype=logits.dtype)
-    hot = temps > 0
-    if bool(hot.any()):
-        probs = torch.softmax(logits[hot] / temps[hot, None], dim=-1)
-        tokens[hot] = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    tokens[hot] = drawn
     return tokens.tolist()
+
+
+def draw_rows(probs: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """One token per row of probs [B, V], each with its row's probability, by inverting the row's
+    CDF at one uniform draw: B random numbers, where torch.multinomial's exponential race draws
+    B * V (at [16, 576] 18 us against 150 us; at Kimi's vocabulary of 163840, 2.3 ms against 40 ms).
+    A token of probability 0 never comes: its CDF equals its predecessor's, so it is never the
+    first to exceed u, nor the first to reach the total (the cap for a u that rounds up to it)."""
+    cdf = probs.cumsum(dim=-1)  # [B, V], nondecreasing (CPU cumsum adds in order)
+    total = cdf[:, -1:].contiguous()  # [B, 1]
+    if not bool(torch.isfinite(total).all()):  # a nan row would draw past the vocabulary
+        raise ValueError("probability rows contain inf or nan")  # as torch.multinomial refuses them
+    u = torch.rand(total.shape, generator=generator, dtype=probs.dtype) * total
+    first_above = torch.searchsorted(cdf, u, right=True)
+    last_possible = torch.searchsorted(cdf, total)
+    return torch.minimum(first_above, last_possible).squeeze(1)
 
 
 def token_logprobs(logits: torch.Tensor, token: int, top_n: int) -> dict:

@@ -29,6 +29,7 @@ class ExpertBank(nn.Module):
         super().__init__()
         self.first = first
         self.count = cfg.n_routed_experts - first if count is None else count
+        self.num_experts = cfg.n_routed_experts  # of the whole model, this rank's and the others'
         self.act = activation(cfg.hidden_act)
 
     def expert_weights(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,23 +46,28 @@ class ExpertBank(nn.Module):
         runs two matmuls over one contiguous slice, and one index_add_ sums them back per token
         (in ascending expert order, as a loop over experts would)."""
         out = torch.zeros_like(x)
-        local = (ids - self.first).reshape(-1)  # [T * k]
-        mine = torch.nonzero((local >= 0) & (local < self.count)).squeeze(1)
-        if mine.numel() == 0:
+        local = (ids - self.first).reshape(-1) if self.first else ids.reshape(-1)  # [T * k]
+        order = self._pairs_by_expert(local)
+        if order.numel() == 0:
             return out
-        order = mine[torch.argsort(local[mine], stable=True)]  # pairs sorted by expert
         counts = torch.bincount(local[order], minlength=self.count).tolist()
         tokens = order // ids.shape[1]
-        xs = x[tokens]  # [pairs, hidden]
-        parts, start = [], 0
-        for e, n in enumerate(counts):
-            if n:
+        parts = []
+        for e, xs in enumerate(x[tokens].split(counts)):  # [pairs, hidden], one slice per expert
+            if xs.shape[0]:
                 gate_up, down = self.expert_weights(e, x.dtype)
-                gate, up = F.linear(xs[start : start + n], gate_up).chunk(2, dim=-1)
+                gate, up = F.linear(xs, gate_up).chunk(2, dim=-1)
                 parts.append(F.linear(self.act(gate) * up, down))
-                start += n
         ys = torch.cat(parts) * weights.reshape(-1)[order, None]
         return out.index_add_(0, tokens, ys.to(out.dtype))
+
+    def _pairs_by_expert(self, local: torch.Tensor) -> torch.Tensor:
+        """Positions in local [T * k] (local expert ids) of the pairs routed to this rank's experts,
+        sorted by expert (stable). A rank that owns every expert skips the ownership filter."""
+        if self.first == 0 and self.count == self.num_experts:
+            return torch.argsort(local, stable=True)
+        mine = torch.nonzero((local >= 0) & (local < self.count)).squeeze(1)
+        return mine[torch.argsort(local[mine], stable=True)]
 
 
 class RoutedExperts(ExpertBank):

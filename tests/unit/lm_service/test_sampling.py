@@ -69,3 +69,29 @@ def test_token_bitmask_bans_exactly_the_zero_bits_of_the_chosen_rows() -> None:
     narrow = torch.full((1, 2), -1, dtype=torch.int32)  # covers 64 tokens: the rest is banned
     apply_token_bitmask(logits, narrow, [1])
     assert torch.isfinite(logits[1, :64]).all() and torch.isinf(logits[1, 64:]).all()
+
+
+def test_rows_all_hot_follow_their_distribution_and_never_draw_banned_tokens() -> None:
+    from runtime.lm_service.sampling import choose_rows
+
+    logits = torch.stack([LOGITS, LOGITS.masked_fill(torch.tensor([True, True, False, False, True]), float("-inf"))])
+    g = torch.Generator().manual_seed(5)
+    draws = torch.tensor([choose_rows(logits, [1.0, 2.0], g) for _ in range(600)])
+    assert set(draws[:, 1].tolist()) == {2, 3}  # the banned tokens (probability 0) never come
+    expected = torch.softmax(LOGITS, -1)
+    assert (torch.bincount(draws[:, 0], minlength=5) / 600 - expected).abs().max() < 0.07
+
+
+def test_draw_rows_caps_a_uniform_at_the_total_to_the_last_possible_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    from runtime.lm_service.sampling import draw_rows
+
+    monkeypatch.setattr(torch, "rand", lambda shape, **kwargs: torch.ones(shape))  # u = the CDF's total
+    probs = torch.tensor([[0.0, 0.5, 0.5, 0.0, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0]])
+    assert draw_rows(probs, torch.Generator()).tolist() == [2, 0]
+
+
+def test_draw_rows_refuses_a_nan_row() -> None:
+    from runtime.lm_service.sampling import draw_rows
+
+    with pytest.raises(ValueError, match="nan"):
+        draw_rows(torch.tensor([[0.5, 0.5], [float("nan"), float("nan")]]), torch.Generator())
