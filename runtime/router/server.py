@@ -99,6 +99,9 @@ class Router:
                  "on" if self.config.api_key else "off", "on" if self.config.admin.enabled else "off",
                  self.inbox.address)
 
+    def __del__(self) -> None:
+        self.inbox.close()
+
     # --- endpoints -----------------------------------------------------------------------------
 
     @http.post("/v1/chat/completions")

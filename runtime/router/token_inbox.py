@@ -71,6 +71,7 @@ class TokenInbox:
                     queue.put_nowait(out)
 
     def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        if self._reader is not None and not self._reader.done():
+            with contextlib.suppress(RuntimeError):  # its loop already closed
+                self._reader.cancel()
         self._context.destroy(linger=0)

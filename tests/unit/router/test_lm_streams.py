@@ -165,42 +165,54 @@ def _pusher(address: str):
     from runtime.protocol import TokenBatch
 
     socket = zmq.Context.instance().socket(zmq.PUSH)
-    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.LINGER, 1000)
     socket.connect(address)
-    return lambda *outs: socket.send(msgspec.msgpack.encode(TokenBatch(list(outs))))
+    return socket, lambda *outs: socket.send(msgspec.msgpack.encode(TokenBatch(list(outs))))
 
 
-def _relayed_script(pushes: Callable[[GenerateRequest], list[list[RequestOutput]]], call_ends: bool = True):
+def _relayed_script(pushes: Callable[[GenerateRequest], list[list[RequestOutput]]]):
     """An LM replica whose engine core pushes each batch of `pushes(gen)` to gen.reply_to, then ends
     the call (as LMService.generate does once it hears of the relayed last output)."""
 
     async def script(gen, call):
-        push = _pusher(gen.reply_to)
-        for batch in pushes(gen):
-            push(*batch)
-            await asyncio.sleep(0.01)
-        if not call_ends:
-            await asyncio.sleep(10)
+        socket, push = _pusher(gen.reply_to)
+        try:
+            for batch in pushes(gen):
+                push(*batch)
+                await asyncio.sleep(0.01)
+        finally:
+            socket.close()
         return
         yield  # an async generator that yields nothing
 
     return script
 
 
-def _with_inbox(script: Script, **kwargs) -> tuple[LMStreams, _FakeLM]:
+@pytest.fixture
+def with_inbox():
+    """LMStreams over a fake LM and a real TokenInbox, closed after the test (a zmq context left to
+    the garbage collector can block in its destructor)."""
     from runtime.router.token_inbox import TokenInbox
 
-    lm = _FakeLM(script)
-    return LMStreams(lm, timeout_s=5.0, inbox=TokenInbox("127.0.0.1"), **kwargs), lm
+    inboxes: list[TokenInbox] = []
+
+    def make(script: Script, **kwargs) -> tuple[LMStreams, _FakeLM]:
+        inboxes.append(TokenInbox("127.0.0.1"))
+        lm = _FakeLM(script)
+        return LMStreams(lm, timeout_s=5.0, inbox=inboxes[-1], **kwargs), lm
+
+    yield make
+    for inbox in inboxes:
+        inbox.close()
 
 
-def test_outputs_pushed_to_the_inbox_are_the_stream_and_the_calls_end_is_awaited_for_the_last():
+def test_outputs_pushed_to_the_inbox_are_the_stream_and_the_calls_end_is_awaited_for_the_last(with_inbox):
     def pushes(gen):
         rid = gen.request_id
         return [[RequestOutput(rid, [5], "a")], [RequestOutput("someone-else", [9], "z")],
                 [RequestOutput(rid, [6], "b"), RequestOutput(rid, [7], "c", True, "stop")]]
 
-    streams, lm = _with_inbox(_relayed_script(pushes))
+    streams, lm = with_inbox(_relayed_script(pushes))
 
     async def run() -> list[str]:
         texts = await _collect(streams, _gen())
@@ -213,19 +225,19 @@ def test_outputs_pushed_to_the_inbox_are_the_stream_and_the_calls_end_is_awaited
     assert rid == "r" and stream.cancelled and streams.in_flight == 0
 
 
-def test_a_call_that_ends_without_the_last_output_fails_after_the_wait():
-    streams, lm = _with_inbox(_relayed_script(lambda gen: [[RequestOutput(gen.request_id, [5], "a")]]),
+def test_a_call_that_ends_without_the_last_output_fails_after_the_wait(with_inbox):
+    streams, lm = with_inbox(_relayed_script(lambda gen: [[RequestOutput(gen.request_id, [5], "a")]]),
                               last_output_wait_s=0.2)
     with pytest.raises(LMFailed) as failed:
         asyncio.run(_collect(streams, _gen()))
     assert not failed.value.retryable and len(lm.calls) == 1  # it had answered: not tried again
 
 
-def test_an_error_the_replica_itself_sends_ends_the_stream():
+def test_an_error_the_replica_itself_sends_ends_the_stream(with_inbox):
     async def script(gen, call):
         yield RequestOutput(gen.request_id, [], "", True, "error", error="the engine stopped")
 
-    streams, _ = _with_inbox(script)
+    streams, _ = with_inbox(script)
 
     async def run() -> list[RequestOutput]:
         return [out async for out in streams.outputs(_gen())]
