@@ -4,6 +4,7 @@ as `serve deploy` / `python -m runtime serve`), with real HTTP on a free local p
 from __future__ import annotations
 
 import os
+import random
 import socket
 import time
 from typing import Any
@@ -15,10 +16,35 @@ from runtime import serve_compat
 from runtime.router import launch
 
 
-def free_port() -> int:
+def free_port(attempts: int = 500) -> int:
+    """A port for Serve's proxy whose next port (the Router's direct ingress) is free too, taken
+    below the kernel's ephemeral range and above Ray's worker ports (10002-19999): a port the kernel
+    hands out was once taken, between this check and the proxy's bind seconds later, by one of the
+    sockets Ray's processes open meanwhile (the proxy then failed to bind, and the module with it)."""
+    low, high = 20000, _ephemeral_start()
+    for _ in range(attempts):
+        port = random.randrange(low, high - 1)
+        if _bindable(port) and _bindable(port + 1):
+            return port
+    raise RuntimeError(f"no free port pair in [{low}, {high})")
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return max(int(f.read().split()[0]), 20100)
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def deploy_config(args: dict[str, Any] | None = None, replicas: dict[str, int] | None = None,
@@ -58,10 +84,14 @@ class ServeApp:
             time.sleep(0.2)
 
     def close(self) -> None:
+        """Always ends this Ray cluster and restores the environment, even when Serve never came up
+        (a half-started cluster left behind would be joined by the next module's)."""
         from ray import serve
 
-        serve.shutdown()
-        ray.shutdown()
-        os.environ.clear()
-        os.environ.update(self._saved_env)
-        serve_compat.set_single_machine_mode(self._saved_single_machine)
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+            os.environ.clear()
+            os.environ.update(self._saved_env)
+            serve_compat.set_single_machine_mode(self._saved_single_machine)
