@@ -49,7 +49,9 @@ class PatchEmbed(nn.Module):
 
     def forward(self, pixels: torch.Tensor, grids: Sequence[Grid]) -> torch.Tensor:
         """pixels [N, 3, patch, patch] -> [N, D]."""
-        x = self.proj(pixels).view(pixels.shape[0], -1)
+        # A stride-patch convolution over one patch is a matmul; as one [N, 3*p*p] x [3*p*p, D] it
+        # is 2.7x (float32) to 7x (bfloat16) faster on CPU than the convolution over N 1x1 outputs.
+        x = F.linear(pixels.flatten(1), self.proj.weight.flatten(1), self.proj.bias)
         return x + self.pos_emb(grids).to(x.dtype)
 
 
@@ -96,18 +98,29 @@ class VisionAttention(nn.Module):
         n = x.shape[0]
         q, k, v = (p(x).view(n, self.heads, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         q, k = (self._rope(t, cos, sin) for t in (q, k))
-        # Full attention within each image, none across images.
-        outs = [
-            F.scaled_dot_product_attention(qi.transpose(0, 1), ki.transpose(0, 1), vi.transpose(0, 1))
-            for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)
-        ]
-        out = torch.cat([o.transpose(0, 1) for o in outs]).reshape(n, -1)
-        return self.proj(out)
+        return self.proj(_attend_within_images(q, k, v, lengths).reshape(n, -1))
 
     @staticmethod
     def _rope(t: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         t32, cos, sin = t.float(), cos[:, None, :], sin[:, None, :]
         return (t32 * cos + _rotate_half(t32) * sin).to(t.dtype)
+
+
+def _attend_within_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lengths: list[int]) -> torch.Tensor:
+    """q, k, v [N, heads, hd] (images packed back to back) -> [N, heads, hd]: full attention within
+    each image, none across images. Images of one size (a batch of same-sized images is the common
+    case) go to SDPA as one [B, heads, L, hd] batch, others one by one; SDPA always gets 4-D input,
+    which its fused CPU kernel takes (3-D input falls to the unfused path: 3x slower at 256 patches)."""
+    if len(set(lengths)) == 1:
+        b, length = len(lengths), lengths[0]
+        return _sdpa(*(t.view(b, length, *t.shape[1:]) for t in (q, k, v))).flatten(0, 1)
+    return torch.cat([_sdpa(qi[None], ki[None], vi[None])[0]
+                      for qi, ki, vi in zip(q.split(lengths), k.split(lengths), v.split(lengths), strict=True)])
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """[B, L, heads, hd] -> [B, L, heads, hd]."""
+    return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 class VisionMLP(nn.Module):
