@@ -89,7 +89,8 @@ class VisionTunables(ImageLimits):
     cache_mb: float = Field(default=256, gt=0, description="embedding cache per vision replica")
     lease_s: float = Field(default=600.0, gt=0, description="a reference whose release never comes expires after this")
     max_batch: int = Field(default=16, ge=1)
-    max_wait_s: float = Field(default=0.005, ge=0)
+    max_wait_s: float = Field(default=0.0, ge=0, description="how long a batch waits for more images once it has "
+                              "one (0: it takes what queued while the tower was busy and runs at once)")
 
     @property
     def cache_bytes(self) -> int:

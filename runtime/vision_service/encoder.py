@@ -57,14 +57,7 @@ class _Batcher:
 
     async def _loop(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            deadline = asyncio.get_running_loop().time() + self.max_wait_s
-            while len(batch) < self.max_batch:
-                timeout = deadline - asyncio.get_running_loop().time()
-                try:
-                    batch.append(await asyncio.wait_for(self._queue.get(), max(timeout, 0)))
-                except TimeoutError:
-                    break
+            batch = await self._next_batch()
             self.batch_sizes.append(len(batch))
             try:
                 outs = await asyncio.to_thread(self.run_batch, [b[0] for b in batch], [b[1] for b in batch])
@@ -76,6 +69,25 @@ class _Batcher:
                 for _, _, future in batch:
                     if not future.done():
                         future.set_exception(e)
+
+    async def _next_batch(self) -> list[tuple[torch.Tensor, tuple[int, int], asyncio.Future]]:
+        """Everything queued (up to max_batch): what arrived while the tower ran is the batch.
+        Then, while max_wait_s since the first image has not passed, whatever else arrives."""
+        loop = asyncio.get_running_loop()
+        batch = [await self._queue.get()]
+        deadline = loop.time() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            if not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+                continue
+            timeout = deadline - loop.time()
+            if timeout <= 0:
+                break
+            try:
+                batch.append(await asyncio.wait_for(self._queue.get(), timeout))
+            except TimeoutError:
+                break
+        return batch
 
 
 class VisionEncoder:
