@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import math
@@ -79,7 +80,14 @@ def _first(v: Any) -> int:
 def image_key(data: bytes, processor: ProcessorConfig, model_dir: str | Path, dtype: str) -> str:
     """The image's content key: its bytes plus everything its embeddings depend on. The vision
     cache and the engine's prefix cache both key on it."""
-    return embedding_key(data, json.dumps(asdict(processor), sort_keys=True), str(Path(model_dir).resolve()), dtype)
+    return embedding_key(data, *_key_context(processor, str(model_dir)), dtype)
+
+
+@functools.lru_cache(maxsize=16)
+def _key_context(processor: ProcessorConfig, model_dir: str) -> tuple[str, str]:
+    """What image_key hashes besides the bytes, once per (processor, model): resolving the path
+    costs file-system calls that every image would otherwise pay again."""
+    return json.dumps(asdict(processor), sort_keys=True), str(Path(model_dir).resolve())
 
 
 # --- the size rule -----------------------------------------------------------------------------
