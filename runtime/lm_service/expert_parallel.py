@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from runtime.errors import CheckpointError
+from runtime.lm_service.allocator import keep_freed_memory
 from runtime.models.deepseek_v3 import DeepseekV3LM, MoE
 from runtime.models.experts import ExpertBank
 
@@ -225,6 +226,7 @@ def run_worker_rank(spec: RankSpec) -> None:
     from runtime.models.config import load_model_config
 
     torch.set_num_threads(spec.threads)
+    keep_freed_memory()
     cfg = load_model_config(spec.model_dir)
     store = dist.TCPStore(spec.host, spec.port, spec.size, False, datetime.timedelta(seconds=spec.timeout_s))
     comm = _Collectives(store, spec.rank, spec.size, spec.device, spec.timeout_s)

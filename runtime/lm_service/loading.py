@@ -13,6 +13,7 @@ from typing import Any
 
 from runtime.checkpoint.loader import load_language_model
 from runtime.checkpoint.tokenizer_loader import load_tokenizer
+from runtime.lm_service.allocator import keep_freed_memory
 from runtime.lm_service.engine import Engine, EngineHooks
 from runtime.lm_service.expert_parallel import ExpertGroup, RankLauncher, spawn_process
 from runtime.lm_service.weights import local_loader
@@ -35,6 +36,7 @@ def build_engine(model_dir: str | Path, config: EngineConfig = EngineConfig(), h
                  launch: RankLauncher | None = None) -> Engine:
     """The engine of one replica, serving this checkpoint. `launch` starts the expert-parallel
     worker ranks (default: local child processes)."""
+    keep_freed_memory()
     parts = load_engine_parts(model_dir, config, launch)
     engine = Engine(parts.lm, parts.model_config, config, parts.eos_token_ids, parts.tokenizer, hooks,
                     parts.expert_group)
