@@ -28,7 +28,11 @@ from runtime.vision_service.encoder import ImageInput, VisionEncoder
 log = logging.getLogger(__name__)
 
 
-@serve.deployment(name="VisionService", ray_actor_options={"num_cpus": 1})
+# An encode call holds its slot only until its embeddings are pushed, and the batcher can only batch
+# the calls it holds: Serve's default of 5 ongoing requests capped every batch at 5 images and
+# queued a burst's other encodes in the LM replicas' handles. 64 lets a burst reach the tower as
+# max_batch-sized batches; a YAML may still set its own.
+@serve.deployment(name="VisionService", ray_actor_options={"num_cpus": 1}, max_ongoing_requests=64)
 class VisionService:
     def __init__(self, model_dir: str, config: VisionConfig = VisionConfig(), host: str | None = None,
                  proxy: str | None = None, log_level: logs.LogLevel = "INFO"):

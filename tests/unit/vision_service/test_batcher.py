@@ -60,3 +60,12 @@ def test_max_wait_gathers_an_image_that_comes_soon_after() -> None:
 
     asyncio.run(main())
     assert batcher.batch_sizes == [2]
+
+
+def test_a_vision_replica_takes_at_least_a_full_batch_of_encode_calls_at_once() -> None:
+    """The batcher batches only the calls its replica holds: Serve's default of 5 ongoing requests
+    capped every batch at 5 images, whatever max_batch said."""
+    from runtime.settings import VisionConfig
+    from runtime.vision_service.deployment import VisionService
+
+    assert VisionService.max_ongoing_requests >= VisionConfig().max_batch  # type: ignore[attr-defined]
