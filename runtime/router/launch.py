@@ -120,8 +120,10 @@ def direct_url(config: dict[str, Any]) -> str:
 
 def check_port_free(config: dict[str, Any]) -> None:
     """Raise if a live process listens on the HTTP port or on the direct-ingress port after it
-    (another server would answer our readiness checks). Sockets of a server that just stopped
-    (TIME_WAIT) do not count: servers bind with address reuse, and so does this check."""
+    (another server would answer our readiness checks). Connections a stopped server closed
+    (TIME_WAIT) do not count where it bound with address reuse, as this check does; Serve binds the
+    direct-ingress port without it, so after a server stopped with connections open that port stays
+    taken for up to a minute (the kernel's TIME_WAIT), for Serve as for this check."""
     http = config.get("http_options", {})
     host, port = http.get("host", "127.0.0.1"), int(http.get("port", 8000))
     for p in (port, port + DIRECT_PORT_OFFSET):
@@ -130,7 +132,8 @@ def check_port_free(config: dict[str, Any]) -> None:
             try:
                 s.bind((host, p))
             except OSError as e:
-                raise RuntimeServingError(f"{host}:{p} is already in use ({e.strerror}); pass --port") from e
+                raise RuntimeServingError(f"{host}:{p} is already in use ({e.strerror}); pass --port (a server "
+                                          "stopped within the last minute may still hold it)") from e
 
 
 def deploy(config: dict[str, Any]) -> Any:
