@@ -15,9 +15,10 @@ from __future__ import annotations
 import ctypes
 import logging
 
+from runtime.settings import MiB
+
 log = logging.getLogger(__name__)
 
-MiB = 2**20
 MMAP_THRESHOLD_BYTES = 16 * MiB
 TRIM_THRESHOLD_BYTES = 64 * MiB
 # mallopt parameters, from glibc's malloc.h
